@@ -1,0 +1,55 @@
+"""`mptcp-proxy forward --listen ADDR:PORT --to HOST:PORT [--upstream auto|mptcp|tcp]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from mptcp_proxy.cli.common import add_relay_options, relay_config
+from mptcp_proxy.config import Endpoint, ForwardConfig, UpstreamMode
+
+log = logging.getLogger("mptcp_proxy.cli")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "forward", help="MPTCP front door for one TCP server",
+        description="Accept MPTCP (and plain TCP) connections and relay each one to a "
+                    "fixed target, MPTCP first toward it when --upstream is auto.")
+    p.add_argument("--listen", required=True, metavar="ADDR:PORT",
+                   help="address to listen on, e.g. 0.0.0.0:8080 or [::]:8080")
+    p.add_argument("--to", required=True, metavar="HOST:PORT", help="target server")
+    p.add_argument("--upstream", default="auto", metavar="auto|mptcp|tcp",
+                   help="protocol toward the target (default auto: MPTCP, remembering "
+                        "targets that fall back and using TCP for them)")
+    p.add_argument("--tcp-only-ttl", type=float, default=600.0, metavar="SECONDS",
+                   help="auto mode: how long a target that fell back stays TCP-only")
+    add_relay_options(p)
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> ForwardConfig:
+    return ForwardConfig(
+        listen=Endpoint.parse(args.listen, "--listen", default_host="0.0.0.0"),
+        target=Endpoint.parse(args.to, "--to"),
+        upstream=UpstreamMode.parse(args.upstream),
+        relay=relay_config(args),
+        drain_timeout=args.drain_timeout,
+        tcp_only_ttl=args.tcp_only_ttl,
+        log_connections=not args.no_conn_log,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from mptcp_proxy.server.forward import ForwardServer
+
+    config = config_from_args(args)
+    server = ForwardServer(config).start()
+    for addr in server.listen_addresses():
+        log.info("forward: listening on %s:%d -> %s (upstream %s, %s relay, max %d connections)",
+                 addr[0], addr[1], config.target, config.upstream.value,
+                 "splice" if config.relay.splice else "copy", server.max_connections)
+    server.serve_forever()
+    log.info("forward: stopped; %d connections served, %d rejected",
+             server.stats.relayed, server.stats.rejected)
+    return 0

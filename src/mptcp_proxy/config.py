@@ -1,0 +1,146 @@
+"""Validated, frozen configuration values shared by every mode.
+
+A bad value raises :class:`ConfigError` naming the option, so the CLI prints one
+clear line. Parsing lives here, not in the CLI, so that TOML configs and the
+command line share it.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+
+from mptcp_proxy.errors import ConfigError
+
+
+class UpstreamMode(enum.Enum):
+    """How the proxy connects to its target."""
+
+    AUTO = "auto"    # MPTCP first; targets seen falling back are remembered as TCP-only
+    MPTCP = "mptcp"  # always MPTCP (the kernel still falls back when the peer lacks it)
+    TCP = "tcp"      # plain TCP
+
+    @classmethod
+    def parse(cls, text: str, key: str = "--upstream") -> "UpstreamMode":
+        try:
+            return cls(text.lower())
+        except ValueError:
+            raise ConfigError(key, f"expected one of auto, mptcp, tcp; got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A host (literal address or name) and a TCP port."""
+
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ConfigError("address", "empty host")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("address", f"port {self.port} out of range 0-65535")
+
+    @classmethod
+    def parse(cls, text: str, key: str = "address", default_host: str | None = None) -> "Endpoint":
+        """Parse ``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (when ``default_host`` is given)."""
+        text = text.strip()
+        if text.startswith("["):
+            host, sep, rest = text[1:].partition("]")
+            if not sep or not rest.startswith(":"):
+                raise ConfigError(key, f"expected [IPv6]:PORT, got {text!r}")
+            port_text = rest[1:]
+        else:
+            host, sep, port_text = text.rpartition(":")
+            if not sep:
+                raise ConfigError(key, f"expected HOST:PORT, got {text!r}")
+            if ":" in host:
+                raise ConfigError(key, f"IPv6 addresses need brackets: [{host}]:{port_text}")
+        if not host:
+            if default_host is None:
+                raise ConfigError(key, f"missing host in {text!r}")
+            host = default_host
+        if not port_text.isdigit():
+            raise ConfigError(key, f"bad port {port_text!r} in {text!r}")
+        port = int(port_text)
+        if port > 65535:
+            raise ConfigError(key, f"port {port} out of range 0-65535")
+        return cls(host, port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def resolve(self, key: str = "address") -> tuple[int, tuple]:
+        """(family, sockaddr) of the first address; names are resolved once, here."""
+        try:
+            infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ConfigError(key, f"cannot resolve {self.host!r}: {exc.strerror}") from None
+        family, _, _, _, sockaddr = infos[0]
+        return family, sockaddr
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """Data-plane settings common to every mode."""
+
+    splice: bool = True
+    """Move bytes with splice(2) through pipes (False: copy through user space)."""
+    pipe_size: int = 1 << 20
+    """Pipe capacity per direction in flight (bytes); bounds buffering per direction."""
+    idle_timeout: float = 300.0
+    """Close a connection after this many seconds without a byte either way (0: never)."""
+    connect_timeout: float = 10.0
+    """Give up on an upstream connection attempt after this many seconds."""
+    max_connections: int = 0
+    """Stop accepting above this many open client connections (0: derived from the fd limit)."""
+
+    def __post_init__(self) -> None:
+        if self.pipe_size < 4096 or self.pipe_size > (1 << 30):
+            raise ConfigError("pipe-size", "must be between 4096 and 1 GiB")
+        if self.idle_timeout < 0:
+            raise ConfigError("idle-timeout", "must be >= 0")
+        if self.connect_timeout <= 0:
+            raise ConfigError("connect-timeout", "must be > 0")
+        if self.max_connections < 0:
+            raise ConfigError("max-connections", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """``mptcp-proxy forward``: an MPTCP front door for one TCP target."""
+
+    listen: Endpoint
+    """Address the MPTCP listener binds to."""
+    target: Endpoint
+    """Where every connection is forwarded."""
+    upstream: UpstreamMode = UpstreamMode.AUTO
+    """Protocol toward the target."""
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    """Data-plane settings."""
+    backlog: int = 4096
+    """listen(2) backlog."""
+    drain_timeout: float = 10.0
+    """On SIGTERM/SIGINT, wait this long for open connections before closing them."""
+    tcp_only_ttl: float = 600.0
+    """In auto mode, remember a target that fell back to TCP for this many seconds."""
+    log_connections: bool = True
+    """Log one line per connection at close."""
+
+    def __post_init__(self) -> None:
+        if self.backlog < 1:
+            raise ConfigError("backlog", "must be >= 1")
+        if self.drain_timeout < 0:
+            raise ConfigError("drain-timeout", "must be >= 0")
+        if self.target.port == 0:
+            raise ConfigError("--to", "target port 0 is not connectable")

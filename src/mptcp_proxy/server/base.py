@@ -1,0 +1,347 @@
+"""What every proxy mode shares: listener, accept loop, limits, drain, close logs.
+
+A mode subclasses :class:`ProxyServer` and implements ``handle_accept`` (the
+handshake in front); it ends by calling ``start_relay`` or ``reject``. All
+sockets are non-blocking and live on the server's one :class:`Reactor`.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import resource
+import signal
+import socket
+import threading
+from dataclasses import dataclass, field
+
+from mptcp_proxy.config import Endpoint, RelayConfig
+from mptcp_proxy.dataplane.connect import ConnectResult
+from mptcp_proxy.dataplane.pipes import RESOURCE_ERRNOS
+from mptcp_proxy.dataplane.reactor import EPOLLIN, Reactor, Timer
+from mptcp_proxy.dataplane.relay import LINGER_ABORT, Relay, RelayEngine
+from mptcp_proxy.errors import ConfigError
+from mptcp_proxy.observe.sockinfo import IPPROTO_MPTCP, is_mptcp, mptcp_info
+
+log = logging.getLogger("mptcp_proxy.server")
+conn_log = logging.getLogger("mptcp_proxy.conn")
+
+ACCEPT_BATCH = 64          # accepts per readiness event, then yield to relays
+ACCEPT_PAUSE = 0.1         # seconds to stop accepting after EMFILE/ENFILE
+FD_RESERVE = 512           # fds kept free for pipes, upstream attempts and logs
+
+
+@dataclass(slots=True)
+class Session:
+    """One client connection, from accept to close; becomes the close log line."""
+
+    id: int
+    client: str
+    target: str
+    client_mptcp: bool | None
+    client_subflows: int
+    upstream_requested_mptcp: bool
+    upstream_mptcp: bool | None
+    upstream_subflows: int
+    extra: dict | None
+
+    def side(self, mptcp: bool | None, requested: bool = True) -> str:
+        if mptcp is None:
+            return "-"
+        if mptcp:
+            return "mptcp"
+        return "fallback" if requested else "tcp"
+
+
+def new_session(sid: int, client: str, target: str = "-") -> Session:
+    return Session(sid, client, target, None, 0, False, None, 0, None)
+
+
+@dataclass
+class ServerStats:
+    accepted: int = 0
+    relayed: int = 0
+    rejected: int = 0
+    closed: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    accept_pauses: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def count_reason(self, reason: str) -> None:
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+
+def format_addr(addr: tuple) -> str:
+    host, port = addr[0], addr[1]
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft fd limit to the hard one; return the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def open_listener(endpoint: Endpoint, *, mptcp: bool = True, backlog: int = 4096,
+                  reuseport: bool = False, transparent: bool = False,
+                  key: str = "--listen") -> socket.socket:
+    """A non-blocking listening socket, MPTCP when the kernel allows it."""
+    family, sockaddr = endpoint.resolve(key)
+    sock = None
+    if mptcp:
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM, IPPROTO_MPTCP)
+        except OSError as exc:
+            log.warning("MPTCP listener unavailable (%s); listening with plain TCP",
+                        errno.errorcode.get(exc.errno or 0, exc.errno))
+    if sock is None:
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if transparent:
+            sock.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT (missing from socket)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(key, f"cannot listen on {endpoint}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class ProxyServer:
+    """Accept loop, limits, relay engine and graceful stop for one mode."""
+
+    mode_name = "proxy"
+
+    def __init__(self, relay_config: RelayConfig, *, drain_timeout: float = 10.0,
+                 log_connections: bool = True, reactor: Reactor | None = None) -> None:
+        self.relay_config = relay_config
+        self.reactor = reactor or Reactor()
+        self.engine = RelayEngine(
+            self.reactor, splice=relay_config.splice, pipe_size=relay_config.pipe_size,
+            idle_timeout=relay_config.idle_timeout or None, observer=self)
+        self.drain_timeout = drain_timeout
+        self.log_connections = log_connections
+        self.listeners: list[socket.socket] = []
+        self.stats = ServerStats()
+        self.open_sessions = 0
+        self._ids = itertools.count(1)
+        self._accept_paused = False
+        self._resume_timer: Timer | None = None
+        self._draining = False
+        self._drain_timer: Timer | None = None
+        self.started = threading.Event()
+        nofile = raise_fd_limit()
+        self.max_connections = relay_config.max_connections or max(16, (nofile - FD_RESERVE) // 2)
+
+    # -- lifecycle ----------------------------------------------------------
+    def add_listener(self, sock: socket.socket) -> None:
+        self.listeners.append(sock)
+        self.reactor.register(sock.fileno(), EPOLLIN, lambda ev, s=sock: self._on_accept(s))
+
+    def listen_addresses(self) -> list[tuple]:
+        return [s.getsockname() for s in self.listeners]
+
+    def serve_forever(self, install_signals: bool = True) -> None:
+        """Run until stopped (SIGINT/SIGTERM when ``install_signals``)."""
+        if install_signals and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.reactor.add_signal_handler(signum, self._on_signal)
+        self.started.set()
+        try:
+            self.reactor.run()
+        finally:
+            self._close_everything()
+
+    def _on_signal(self, signum: int) -> None:
+        if self._draining:
+            log.info("second signal: closing %d connections now", self.open_sessions)
+            self.engine.close_all()
+            self.reactor.stop()
+            return
+        log.info("%s: stopping; draining %d connections (up to %.0fs)",
+                 signal.Signals(signum).name, self.open_sessions, self.drain_timeout)
+        self.shutdown()
+
+    def shutdown(self, drain: bool = True) -> None:
+        """Stop accepting; stop the loop once connections are done (or the drain timer)."""
+        if self._draining:
+            return
+        self._draining = True
+        for sock in self.listeners:
+            self.reactor.unregister(sock.fileno())
+            sock.close()
+        self.listeners.clear()
+        if not drain or self.open_sessions == 0:
+            self._finish_drain()
+        else:
+            self._drain_timer = self.reactor.call_later(self.drain_timeout, self._finish_drain)
+
+    def shutdown_threadsafe(self, drain: bool = False) -> None:
+        self.reactor.call_soon_threadsafe(lambda: self.shutdown(drain=drain))
+
+    def _finish_drain(self) -> None:
+        self.engine.close_all()
+        self.abort_pending()
+        self.reactor.stop()
+
+    def abort_pending(self) -> None:
+        """Close connections still in their handshake (modes override)."""
+
+    def _close_everything(self) -> None:
+        for sock in self.listeners:
+            self.reactor.unregister(sock.fileno())
+            sock.close()
+        self.listeners.clear()
+        self.engine.close()
+        self.reactor.close()
+
+    # -- accepting ----------------------------------------------------------
+    def _on_accept(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if self.open_sessions >= self.max_connections:
+                self._pause_accept(None)
+                return
+            try:
+                sock, addr = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRNOS:
+                    log.warning("accept: %s; pausing accepts for %.1fs",
+                                errno.errorcode.get(exc.errno or 0), ACCEPT_PAUSE)
+                    self._pause_accept(ACCEPT_PAUSE)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # the client gave up before we got to it
+                raise
+            self.stats.accepted += 1
+            self.open_sessions += 1
+            sock.setblocking(False)
+            # Accepted MPTCP sockets do not inherit it; without it a small write
+            # after a reply waits ~40 ms for a delayed ACK (KERNEL-FACTS.md).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            session = new_session(next(self._ids), format_addr(addr))
+            try:
+                self.handle_accept(sock, addr, session)
+            except Exception:
+                log.exception("handler failed for %s", session.client)
+                self.reject(sock, session, "internal-error")
+
+    def _pause_accept(self, delay: float | None) -> None:
+        if self._accept_paused:
+            return
+        self._accept_paused = True
+        self.stats.accept_pauses += 1
+        for sock in self.listeners:
+            self.reactor.set_mask(sock.fileno(), 0)
+        if delay is not None:
+            self._resume_timer = self.reactor.call_later(delay, self._resume_accept)
+
+    def _resume_accept(self) -> None:
+        self._resume_timer = None
+        if not self._accept_paused or self._draining:
+            return
+        self._accept_paused = False
+        for sock in self.listeners:
+            self.reactor.set_mask(sock.fileno(), EPOLLIN)
+
+    # -- to be provided by modes ----------------------------------------------
+    def handle_accept(self, sock: socket.socket, addr: tuple, session: Session) -> None:
+        raise NotImplementedError
+
+    # -- endings --------------------------------------------------------------
+    def start_relay(self, client: socket.socket, result: ConnectResult, session: Session,
+                    initial_to_upstream: bytes = b"", initial_to_client: bytes = b"") -> Relay:
+        assert result.sock is not None  # callers only relay successful connects
+        session.upstream_requested_mptcp = result.requested_mptcp
+        session.upstream_mptcp = result.mptcp
+        self.stats.relayed += 1
+        return self.engine.relay(client, result.sock, meta=session,
+                                 probe_upstream_close=result.fell_back,
+                                 initial_to_upstream=initial_to_upstream,
+                                 initial_to_client=initial_to_client)
+
+    def reject(self, sock: socket.socket, session: Session, reason: str,
+               abort: bool = True, duration: float = 0.0) -> None:
+        """Close a client connection that never reached the relay, and log it."""
+        if session.client_mptcp is None:
+            session.client_mptcp = _safe_is_mptcp(sock)
+        if abort:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ABORT)
+            except OSError:
+                pass
+        sock.close()
+        self.stats.rejected += 1
+        self._session_ended(session, reason, 0, 0, duration)
+
+    def relay_closing(self, relay: Relay) -> None:
+        session: Session = relay.meta  # type: ignore[assignment]
+        session.client_mptcp = _safe_is_mptcp(relay.sa)
+        session.client_subflows = _subflows(relay.sa, session.client_mptcp)
+        session.upstream_subflows = _subflows(relay.sb, bool(session.upstream_mptcp))
+
+    def relay_closed(self, relay: Relay) -> None:
+        self.stats.bytes_up += relay.bytes_up
+        self.stats.bytes_down += relay.bytes_down
+        self._session_ended(relay.meta, relay.reason, relay.bytes_up, relay.bytes_down,
+                            relay.duration)
+
+    def _session_ended(self, session: Session, reason: str, up: int, down: int,
+                       duration: float) -> None:
+        self.open_sessions -= 1
+        self.stats.closed += 1
+        self.stats.count_reason(reason.split(":", 1)[0])
+        if self.log_connections and conn_log.isEnabledFor(logging.INFO):
+            conn_log.info(
+                "conn=%d mode=%s client=%s target=%s client_side=%s client_subflows=%d "
+                "upstream_side=%s upstream_subflows=%d bytes_up=%d bytes_down=%d "
+                "duration=%.3fs reason=%s%s",
+                session.id, self.mode_name, session.client, session.target,
+                session.side(session.client_mptcp, requested=False), session.client_subflows,
+                session.side(session.upstream_mptcp, session.upstream_requested_mptcp),
+                session.upstream_subflows, up, down, duration, reason,
+                "".join(f" {k}={v}" for k, v in (session.extra or {}).items()))
+        if self._accept_paused and self._resume_timer is None and \
+                self.open_sessions < self.max_connections:
+            self._resume_accept()
+        if self._draining and self.open_sessions == 0:
+            if self._drain_timer is not None:
+                self._drain_timer.cancel()
+            self._finish_drain()
+
+
+def _safe_is_mptcp(sock: socket.socket) -> bool:
+    try:
+        return is_mptcp(sock)
+    except OSError:
+        return False
+
+
+def _subflows(sock: socket.socket, mptcp: bool | None) -> int:
+    """Subflows this connection ever had: 1 for TCP/fallback, MPTCP_INFO otherwise."""
+    if not mptcp:
+        return 1
+    try:
+        info = mptcp_info(sock)
+    except OSError:
+        return 1
+    if info is None:
+        return 1
+    return max(1, info.subflows_total or (info.subflows + 1))

@@ -1,0 +1,53 @@
+"""``forward`` mode: every accepted connection is relayed to one fixed target."""
+
+from __future__ import annotations
+
+import socket
+
+from mptcp_proxy.config import ForwardConfig
+from mptcp_proxy.dataplane.connect import ConnectResult, Connector
+from mptcp_proxy.dataplane.reactor import Reactor
+from mptcp_proxy.server.base import ProxyServer, Session, open_listener
+
+
+class ForwardServer(ProxyServer):
+    mode_name = "forward"
+
+    def __init__(self, config: ForwardConfig, reactor: Reactor | None = None) -> None:
+        super().__init__(config.relay, drain_timeout=config.drain_timeout,
+                         log_connections=config.log_connections, reactor=reactor)
+        self.config = config
+        # Resolved once at start: a name lookup per connection would put DNS on
+        # the hot path; restart (or a future reload) picks up new addresses.
+        self.target_family, self.target_sockaddr = config.target.resolve("--to")
+        self.target_label = str(config.target)
+        self.connector = Connector(self.reactor, config.upstream,
+                                   timeout=config.relay.connect_timeout,
+                                   tcp_only_ttl=config.tcp_only_ttl)
+        self.pending: dict[int, object] = {}
+
+    def start(self) -> "ForwardServer":
+        self.add_listener(open_listener(self.config.listen, backlog=self.config.backlog))
+        return self
+
+    def handle_accept(self, sock: socket.socket, addr: tuple, session: Session) -> None:
+        session.target = self.target_label
+        started = self.reactor.now
+
+        def connected(result: ConnectResult) -> None:
+            self.pending.pop(session.id, None)
+            if result.error is not None:
+                self.reject(sock, session, f"upstream-{result.error.reason}",
+                            duration=self.reactor.now - started)
+                return
+            self.start_relay(sock, result, session)
+
+        pending = self.connector.connect(self.target_family, self.target_sockaddr, connected)
+        if pending is not None:
+            self.pending[session.id] = (pending, sock, session)
+
+    def abort_pending(self) -> None:
+        for pending, sock, session in list(self.pending.values()):
+            pending.cancel()
+            self.reject(sock, session, "shutdown")
+        self.pending.clear()
