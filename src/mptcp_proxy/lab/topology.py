@@ -2,10 +2,13 @@
 
 The ``basic`` topology::
 
-    client ns  <name>-c          proxy ns  <name>-p              server ns  <name>-s
-      path0  10.K.0.1/24 ======== path0  10.K.0.2/24
-      path1  10.K.1.1/24 ======== path1  10.K.1.2/24
-      ...    (tbf both ways)      srvlink 10.K.254.1/24 ========= srvlink 10.K.254.2/24
+    client <name>-c           proxy <name>-p                 server <name>-s
+      path0 10.K.0.1/24 ====== path0 10.K.0.2/24
+      path1 10.K.1.1/24 ====== path1 10.K.1.2/24
+      ...   (tbf at both ends) srvlink 10.K.254.1/24 ======== srvlink 10.K.254.2/24
+
+The client routes by source address (``ip rule from 10.K.I.1 lookup 100+I``),
+defaults to path 0 and has a ``subflow`` MPTCP endpoint on every path.
 
 IPv6 mirrors IPv4: ``fd00:K:I::1/64`` for ``10.K.I.1/24``. ``K`` is derived from
 the lab name so that two labs never look alike in a trace (their namespaces
@@ -54,9 +57,9 @@ TOPOLOGIES = ("basic",)
 ROLES = ("client", "proxy", "server")
 ROLE_SUFFIX = {"client": "-c", "proxy": "-p", "server": "-s"}
 
-# The kernel path manager keeps at most 8 endpoints and 8 subflows
-# (MPTCP_PM_ADDR_MAX), so more paths could not all be used.
-MAX_PATHS = 8
+# The kernel path manager holds at most 8 endpoints (MPTCP_PM_ADDR_MAX; a 9th
+# fails with ERANGE) and each path takes two, IPv4 and IPv6.
+MAX_PATHS = 4
 MPTCP_LIMIT = 8
 SERVER_SUBNET = 254          # third octet of the proxy-server link
 PATH_TABLE_BASE = 100        # client routing table of path i: 100 + i
@@ -490,11 +493,11 @@ class Lab:
         name = canonical_name(name)
         try:
             data = json.loads(state_path(name).read_text())
+            plan = LabPlan.from_dict(data["plan"])
         except FileNotFoundError:
             raise LabError(f"no lab named {name}") from None
-        except (OSError, ValueError) as exc:
-            raise LabError(f"cannot read state of lab {name}: {exc}") from None
-        plan = LabPlan.from_dict(data["plan"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LabError(f"cannot read state of lab {name}: {exc!r}") from None
         missing = [ns for ns in plan.namespaces if not netns.exists(ns)]
         if missing:
             raise LabError(f"lab {name} is broken: namespaces {missing} are gone")

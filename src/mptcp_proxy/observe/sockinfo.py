@@ -37,7 +37,6 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
-import ipaddress
 import os
 import socket
 import struct
@@ -493,14 +492,20 @@ def parse_mptcp_info(data: bytes) -> MptcpInfo:
     """Parse ``struct mptcp_info`` of any length >= 40 (Linux 5.9 layout)."""
     if len(data) < MPTCP_INFO_MIN_LEN:
         raise SockInfoError(f"mptcp_info is {len(data)} bytes, need at least {MPTCP_INFO_MIN_LEN}")
-    return MptcpInfo(length=len(data), **_fields(_MPTCP_INFO_LAYOUT, data))  # type: ignore[arg-type]
+    fields = _fields(_MPTCP_INFO_LAYOUT, data)
+    if len(data) < MPTCP_INFO_LEN:
+        # 6.8/6.9 return 88 bytes: 84..88 is tail padding there, not last_data_sent.
+        fields["last_data_sent_ms"] = fields["last_data_recv_ms"] = None
+        fields["last_ack_recv_ms"] = None
+    return MptcpInfo(length=len(data), **fields)  # type: ignore[arg-type]
 
 
 def parse_sockaddr(data: bytes) -> tuple[int, Address | None]:
     """Parse a sockaddr_in / sockaddr_in6 (uapi linux/in.h, linux/in6.h).
 
-    Returns ``(family, (host, port))``; the address is ``None`` for an empty
-    (``AF_UNSPEC``) or unknown family.
+    Returns ``(family, (host, port))`` with ``host`` spelled as
+    ``getsockname()`` spells it (inet_ntop); the address is ``None`` for an
+    empty (``AF_UNSPEC``) or unknown family.
     """
     if len(data) < 2:
         raise SockInfoError(f"sockaddr is {len(data)} bytes")
@@ -508,11 +513,11 @@ def parse_sockaddr(data: bytes) -> tuple[int, Address | None]:
     if family == socket.AF_INET:
         if len(data) < 8:
             raise SockInfoError(f"sockaddr_in is {len(data)} bytes, need 8")
-        host = str(ipaddress.IPv4Address(bytes(data[4:8])))
+        host = socket.inet_ntop(socket.AF_INET, bytes(data[4:8]))
     elif family == socket.AF_INET6:
         if len(data) < 24:
             raise SockInfoError(f"sockaddr_in6 is {len(data)} bytes, need 24")
-        host = str(ipaddress.IPv6Address(bytes(data[8:24])))
+        host = socket.inet_ntop(socket.AF_INET6, bytes(data[8:24]))
     else:
         return family, None
     return family, (host, _U16_BE.unpack_from(data, 2)[0])

@@ -146,6 +146,8 @@ class ProxyServer:
         self._draining = False
         self._drain_timer: Timer | None = None
         self.started = threading.Event()
+        # Called with (session, reason, bytes_up, bytes_down, duration) at every close.
+        self.session_listeners: list = []
         nofile = raise_fd_limit()
         self.max_connections = relay_config.max_connections or max(16, (nofile - FD_RESERVE) // 2)
 
@@ -308,6 +310,8 @@ class ProxyServer:
         self.open_sessions -= 1
         self.stats.closed += 1
         self.stats.count_reason(reason.split(":", 1)[0])
+        for listener in self.session_listeners:
+            listener(session, reason, up, down, duration)
         if self.log_connections and conn_log.isEnabledFor(logging.INFO):
             conn_log.info(
                 "conn=%d mode=%s client=%s target=%s client_side=%s client_subflows=%d "

@@ -1,0 +1,147 @@
+"""`mptcp-proxy lab ...`: build, inspect, use and remove namespace labs.
+
+Labs made here are persistent: they outlive the command and are removed with
+``lab down``. Everything they contain is in namespaces named ``mpx-*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mptcp_proxy.errors import ConfigError, LabError
+from mptcp_proxy.lab import Lab, PathSpec, list_labs, remove_lab
+from mptcp_proxy.lab.topology import (
+    LAB_PREFIX,
+    MAX_PATHS,
+    ROLES,
+    TOPOLOGIES,
+    canonical_name,
+    state_path,
+)
+from mptcp_proxy.lab import netns
+
+DEFAULT_PATHS = 2
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "lab", help="network-namespace labs: client, proxy, server and shaped paths",
+        description="Build and use network-namespace labs (namespaces named mpx-*).")
+    sub = parser.add_subparsers(dest="lab_command", metavar="ACTION")
+    sub.required = True
+
+    up = sub.add_parser("up", help="build a lab and print its facts")
+    up.add_argument("--name", help="lab name (gets the mpx- prefix); default: random")
+    up.add_argument("--paths", type=int, metavar="N",
+                    help=f"number of client-proxy paths, 1-{MAX_PATHS} "
+                         f"(default {DEFAULT_PATHS}, or one per --rate)")
+    up.add_argument("--rate", type=float, nargs="+", metavar="MBIT",
+                    help="rate limit in Mbit/s: one for every path, or one per path; "
+                         "default unshaped")
+    up.add_argument("--topology", choices=TOPOLOGIES, default="basic",
+                    help="topology to build (default basic)")
+    up.add_argument("--json", action="store_true", help="print the facts as JSON")
+    up.set_defaults(func=cmd_up)
+
+    down = sub.add_parser("down", help="remove labs and everything running in them")
+    which = down.add_mutually_exclusive_group(required=True)
+    which.add_argument("names", nargs="*", default=[], metavar="NAME")
+    which.add_argument("--all", action="store_true",
+                       help=f"remove every lab on this machine ({LAB_PREFIX}* namespaces)")
+    down.set_defaults(func=cmd_down)
+
+    exec_ = sub.add_parser("exec", help="run a command in a node of a lab",
+                           description="Run CMD in a lab node; exits with its status.")
+    exec_.add_argument("name", metavar="NAME")
+    exec_.add_argument("role", choices=ROLES, metavar="NODE",
+                       help="one of " + ", ".join(ROLES))
+    exec_.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    exec_.set_defaults(func=cmd_exec)
+
+    ls = sub.add_parser("list", help="list labs on this machine")
+    ls.set_defaults(func=cmd_list)
+
+
+def path_specs(paths: int | None, rates: list[float] | None) -> list[PathSpec]:
+    """PathSpecs from ``--paths`` and ``--rate``; a bad combination is a ConfigError."""
+    rates = rates or []
+    count = paths if paths is not None else (len(rates) if len(rates) > 1 else DEFAULT_PATHS)
+    if not 1 <= count <= MAX_PATHS:
+        raise ConfigError("--paths", f"must be 1 to {MAX_PATHS}, not {count}")
+    if len(rates) > 1 and len(rates) != count:
+        raise ConfigError("--rate", f"give one rate or {count} rates, not {len(rates)}")
+    if any(r <= 0 for r in rates):
+        raise ConfigError("--rate", "rates must be positive")
+    per_path = rates * count if len(rates) == 1 else rates or [None] * count
+    return [PathSpec(rate_mbit=r) for r in per_path]
+
+
+def format_facts(lab: Lab) -> str:
+    """What a person needs to use a lab, as text."""
+    c, p, s = (n.ns for n in lab.nodes)
+    lines = [f"lab {lab.name} ({lab.topology}, {len(lab.paths)} paths)",
+             f"  namespaces  client {c}  proxy {p}  server {s}"]
+    for a in lab.paths:
+        rate = f"{a.rate_mbit:g} Mbit/s" if a.rate_mbit else "unshaped"
+        lines.append(f"  path {a.index}      client {a.client_if} {a.client_addr} "
+                     f"{a.client_addr6}  <->  proxy {a.proxy_if} {a.proxy_addr} "
+                     f"{a.proxy_addr6}  {rate}")
+    lines += [
+        f"  server      {lab.server_addr} {lab.server_addr6}  "
+        f"(proxy side {lab.proxy_server_side_addr} {lab.proxy_server_side_addr6})",
+        f"  exec        mptcp-proxy lab exec {lab.name} client -- ip -br addr",
+        f"              ip netns exec {c} bash",
+        f"  remove      mptcp-proxy lab down {lab.name}",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    specs = path_specs(args.paths, args.rate)
+    lab = Lab.create(specs, name=args.name, topology=args.topology, persistent=True)
+    print(json.dumps(lab.facts(), indent=2) if args.json else format_facts(lab))
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    if args.all:
+        for name in list_labs():
+            remove_lab(name)
+            print(f"removed {name}")
+        # Namespaces a crashed build left without a recognisable suffix.
+        netns.delete(netns.list_namespaces(LAB_PREFIX))
+        return 0
+    names = [canonical_name(n) for n in args.names]
+    unknown = [n for n in names if n not in list_labs()]
+    if unknown:
+        raise LabError(f"no lab named {', '.join(unknown)}")
+    for name in names:
+        remove_lab(name)
+        print(f"removed {name}")
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise ConfigError("CMD", "give a command to run, after --")
+    node = Lab.attach(args.name).node(args.role)
+    return node.run(argv, check=False, capture=False, timeout=None).returncode
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    for name in list_labs():
+        if not state_path(name).exists():
+            print(f"{name}  (no state file: remove with `lab down {name}`)")
+            continue
+        try:
+            lab = Lab.attach(name)
+        except LabError as exc:  # a broken lab is listed, not fatal
+            print(f"{name}  ({exc})")
+            continue
+        rates = ", ".join(f"{a.rate_mbit:g}" if a.rate_mbit else "-" for a in lab.paths)
+        owner = "persistent" if lab.persistent else f"owned by pid {lab.owner_pid}"
+        print(f"{name}  {lab.topology}  paths={len(lab.paths)} Mbit/s=[{rates}]  "
+              f"server={lab.server_addr}  {owner}")
+    return 0
