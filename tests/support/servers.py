@@ -69,6 +69,17 @@ class HashServer:
         finally:
             conn.close()
 
+    def wait_received(self, n: int, timeout: float = 10.0) -> list[tuple[str, int]]:
+        """The first ``n`` received streams, once the handler threads recorded them."""
+        deadline = time.monotonic() + timeout
+        while len(self.received) < n:
+            if self.errors:
+                raise self.errors[0]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server recorded {len(self.received)} of {n} streams")
+            time.sleep(0.01)
+        return self.received[:n]
+
     @property
     def count(self) -> int:
         return self._count

@@ -73,6 +73,7 @@ def enter(ns: str) -> Iterator[None]:
 
     The thread's original namespace is restored on exit, also when the body
     raises. Nesting works: each level returns to the namespace it came from.
+    Never ``await`` inside: other tasks of the loop would run in ``ns`` too.
     """
     try:
         target = os.open(ns_path(ns), os.O_RDONLY | os.O_CLOEXEC)
@@ -108,8 +109,11 @@ def run(ns: str, argv: Sequence[str], *, check: bool = True, capture: bool = Tru
     non-zero exit raises :class:`LabError` carrying the command's stderr.
     """
     full = _ns_argv(ns, argv)
-    proc = subprocess.run(full, capture_output=capture, text=True, input=input,
-                          timeout=timeout, check=False)
+    try:
+        proc = subprocess.run(full, capture_output=capture, text=True, input=input,
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise LabError(f"in {ns}: {' '.join(argv)} did not finish in {timeout} s") from None
     if check and proc.returncode != 0:
         detail = (proc.stderr or "").strip()
         raise LabError(f"in {ns}: {' '.join(argv)} exited {proc.returncode}"

@@ -191,21 +191,24 @@ def plan_lab(name: str, paths: Sequence[PathSpec], topology: str = "basic") -> L
     if not 1 <= len(paths) <= MAX_PATHS:
         raise LabError(f"a lab has 1 to {MAX_PATHS} paths, not {len(paths)}")
     k = subnet_octet(name)
+
+    def v6(subnet: int, host: int) -> str:
+        # Canonical text, so it compares equal to what getpeername() returns.
+        return str(ipaddress.IPv6Address(f"fd00:{k}:{subnet}::{host}"))
+
     access = tuple(
         AccessPath(index=i, spec=spec,
-                   client_if=f"path{i}", client_addr=f"10.{k}.{i}.1",
-                   client_addr6=f"fd00:{k}:{i}::1",
-                   proxy_if=f"path{i}", proxy_addr=f"10.{k}.{i}.2",
-                   proxy_addr6=f"fd00:{k}:{i}::2")
+                   client_if=f"path{i}", client_addr=f"10.{k}.{i}.1", client_addr6=v6(i, 1),
+                   proxy_if=f"path{i}", proxy_addr=f"10.{k}.{i}.2", proxy_addr6=v6(i, 2))
         for i, spec in enumerate(paths))
     return LabPlan(
         name=name, topology=topology, paths=access,
         proxy_server_if=SERVER_LINK_IF,
         proxy_server_side_addr=f"10.{k}.{SERVER_SUBNET}.1",
-        proxy_server_side_addr6=f"fd00:{k}:{SERVER_SUBNET}::1",
+        proxy_server_side_addr6=v6(SERVER_SUBNET, 1),
         server_if=SERVER_LINK_IF,
         server_addr=f"10.{k}.{SERVER_SUBNET}.2",
-        server_addr6=f"fd00:{k}:{SERVER_SUBNET}::2",
+        server_addr6=v6(SERVER_SUBNET, 2),
     )
 
 
@@ -409,14 +412,15 @@ class Lab:
     destroy it; :meth:`destroy` does.
     """
 
-    def __init__(self, plan: LabPlan, *, owner_pid: int | None, persistent: bool) -> None:
+    def __init__(self, plan: LabPlan, *, owner_pid: int | None, persistent: bool,
+                 owned: bool) -> None:
         self.plan = plan
         self.owner_pid = owner_pid
         self.persistent = persistent
         self.client = Node("client", plan.ns("client"))
         self.proxy = Node("proxy", plan.ns("proxy"))
         self.server = Node("server", plan.ns("server"))
-        self._owned = False
+        self._owned = owned  # built by this handle: leaving `with` destroys it
         self._destroyed = False
         # Reentrant: the SIGTERM handler runs on the main thread, maybe in
         # the middle of a destroy() of the same lab.
@@ -476,8 +480,7 @@ class Lab:
         if taken or state_path(plan.name).exists():
             raise LabError(f"lab {plan.name} already exists")
         lab = cls(plan, owner_pid=None if persistent else os.getpid(),
-                  persistent=persistent)
-        lab._owned = True
+                  persistent=persistent, owned=True)
         if not persistent:
             _register(lab)
         try:
@@ -502,7 +505,7 @@ class Lab:
         if missing:
             raise LabError(f"lab {name} is broken: namespaces {missing} are gone")
         return cls(plan, owner_pid=data.get("owner_pid"),
-                   persistent=bool(data.get("persistent")))
+                   persistent=bool(data.get("persistent")), owned=False)
 
     def _build(self) -> None:
         plan = self.plan

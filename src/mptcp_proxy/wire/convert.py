@@ -76,7 +76,7 @@ import ipaddress
 import struct
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from typing import ClassVar, TypeAlias, Union
+from typing import ClassVar, TypeAlias, TypeVar, Union
 
 from mptcp_proxy.errors import NeedMoreData, ProtocolError
 
@@ -721,6 +721,8 @@ ConvertTlv: TypeAlias = Union[InfoTlv, ConnectTlv, ExtendedTcpHeaderTlv, Support
                               CookieTlv, ErrorTlv, PrivateTlv]
 TLV_CLASSES: tuple[type, ...] = (InfoTlv, ConnectTlv, ExtendedTcpHeaderTlv, SupportedTcpExtTlv,
                                  CookieTlv, ErrorTlv, PrivateTlv)
+_TlvT = TypeVar("_TlvT", InfoTlv, ConnectTlv, ExtendedTcpHeaderTlv, SupportedTcpExtTlv,
+                CookieTlv, ErrorTlv, PrivateTlv)
 
 
 def encode_tlv(tlv: ConvertTlv) -> bytes:
@@ -779,34 +781,42 @@ class ConvertMessage:
         return HEADER_WORDS + sum(len(tlv.encode()) for tlv in self.tlvs) // WORD
 
     def find(self, tlv_type: int) -> ConvertTlv | None:
+        """The TLV of this type (private types included), or None."""
         for tlv in self.tlvs:
             if tlv.tlv_type == tlv_type:
                 return tlv
         return None
 
+    def get(self, tlv_class: type[_TlvT]) -> _TlvT | None:
+        """The TLV of this class, or None (the first one for PrivateTlv)."""
+        for tlv in self.tlvs:
+            if isinstance(tlv, tlv_class):
+                return tlv
+        return None
+
     @property
     def info(self) -> InfoTlv | None:
-        return self.find(ConvertTlvType.INFO)  # type: ignore[return-value]
+        return self.get(InfoTlv)
 
     @property
     def connect(self) -> ConnectTlv | None:
-        return self.find(ConvertTlvType.CONNECT)  # type: ignore[return-value]
+        return self.get(ConnectTlv)
 
     @property
     def extended_tcp_header(self) -> ExtendedTcpHeaderTlv | None:
-        return self.find(ConvertTlvType.EXTENDED_TCP_HDR)  # type: ignore[return-value]
+        return self.get(ExtendedTcpHeaderTlv)
 
     @property
     def supported_tcp_ext(self) -> SupportedTcpExtTlv | None:
-        return self.find(ConvertTlvType.SUPPORTED_TCP_EXT)  # type: ignore[return-value]
+        return self.get(SupportedTcpExtTlv)
 
     @property
     def cookie(self) -> CookieTlv | None:
-        return self.find(ConvertTlvType.COOKIE)  # type: ignore[return-value]
+        return self.get(CookieTlv)
 
     @property
     def error(self) -> ErrorTlv | None:
-        return self.find(ConvertTlvType.ERROR)  # type: ignore[return-value]
+        return self.get(ErrorTlv)
 
     def encode(self) -> bytes:
         body = b"".join(tlv.encode() for tlv in self.tlvs)
