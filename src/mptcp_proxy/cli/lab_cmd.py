@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from mptcp_proxy.errors import ConfigError, LabError
 from mptcp_proxy.lab import Lab, PathSpec, list_labs, remove_lab
@@ -141,7 +142,12 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"{name}  ({exc})")
             continue
         rates = ", ".join(f"{a.rate_mbit:g}" if a.rate_mbit else "-" for a in lab.paths)
-        owner = "persistent" if lab.persistent else f"owned by pid {lab.owner_pid}"
+        if lab.persistent:
+            owner = "persistent"
+        elif os.path.exists(f"/proc/{lab.owner_pid}"):
+            owner = f"owned by pid {lab.owner_pid}"
+        else:  # its process was SIGKILLed before it could clean up
+            owner = f"stale: pid {lab.owner_pid} is gone"
         print(f"{name}  {lab.topology}  paths={len(lab.paths)} Mbit/s=[{rates}]  "
               f"server={lab.server_addr}  {owner}")
     return 0

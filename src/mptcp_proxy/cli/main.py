@@ -19,6 +19,7 @@ from mptcp_proxy.errors import ConfigError, ProxyError
 COMMANDS = (
     "mptcp_proxy.cli.forward_cmd",
     "mptcp_proxy.cli.lab_cmd",
+    "mptcp_proxy.cli.demo_cmd",
 )
 
 EXIT_OK = 0

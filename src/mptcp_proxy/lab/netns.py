@@ -289,27 +289,23 @@ def pids_in(namespaces: Iterable[str]) -> dict[str, list[int]]:
 
 
 def kill_processes(namespaces: Iterable[str]) -> list[int]:
-    """SIGKILL every process living in ``namespaces`` and wait until they are gone.
+    """SIGKILL every process living in ``namespaces``; wait until they are gone.
 
-    Returns the pids that were killed. Deleting a namespace only removes its
-    name; processes inside would keep it (and its veths) alive.
+    Returns the pids still there after :data:`KILL_WAIT_S` (normally none).
+    Deleting a namespace only removes its name: processes inside would keep
+    it (and its veths) alive.
     """
     namespaces = list(namespaces)
-    killed: list[int] = []
     deadline = time.monotonic() + KILL_WAIT_S
     while True:
         pids = [pid for group in pids_in(namespaces).values() for pid in group]
-        if not pids:
-            return killed
-        if time.monotonic() > deadline:
-            raise LabError(f"processes {pids} would not leave namespaces {namespaces}")
+        if not pids or time.monotonic() > deadline:
+            return pids
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
-                continue
-            if pid not in killed:
-                killed.append(pid)
+                pass
         time.sleep(0.01)
 
 
@@ -318,7 +314,7 @@ def delete(namespaces: Iterable[str]) -> None:
     present = [ns for ns in namespaces if exists(ns)]
     if not present:
         return
-    kill_processes(present)
+    survivors = kill_processes(present)
     # -force: one failing delete must not keep the others alive.
     proc = subprocess.run(["ip", "-force", "-batch", "-"],
                           input="".join(f"netns delete {ns}\n" for ns in present),
@@ -327,3 +323,6 @@ def delete(namespaces: Iterable[str]) -> None:
     left = [ns for ns in present if exists(ns)]
     if left:
         raise LabError(f"could not delete namespaces {left}: {proc.stderr.strip()}")
+    if survivors:
+        raise LabError(f"processes {survivors} did not die; namespaces {present} "
+                       "are unnamed but alive until they do")
