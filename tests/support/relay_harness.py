@@ -33,6 +33,9 @@ class RelayHarness:
     def relay_closing(self, relay: Relay) -> None:
         pass
 
+    def relay_first_eof(self, relay: Relay) -> None:
+        pass
+
     def relay_closed(self, relay: Relay) -> None:
         with self._closed_cv:
             self.closed.append(relay)

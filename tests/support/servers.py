@@ -106,13 +106,20 @@ class ProxyRunner:
     server: object
     closed: list = field(default_factory=list)
     thread: threading.Thread | None = None
+    netns: str | None = None   # run the loop in this namespace (upstream sockets live there)
+
+    def _run(self) -> None:
+        if self.netns is None:
+            self.server.serve_forever(install_signals=False)
+            return
+        from mptcp_proxy.lab import netns
+        with netns.enter(self.netns):
+            self.server.serve_forever(install_signals=False)
 
     def start(self) -> "ProxyRunner":
         self.server.session_listeners.append(
             lambda s, r, u, d, t: self.closed.append(ClosedSession(s, r, u, d, t)))
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"install_signals": False},
-            name="proxy", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="proxy", daemon=True)
         self.thread.start()
         self.server.started.wait(5)
         return self

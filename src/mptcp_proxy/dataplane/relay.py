@@ -65,6 +65,10 @@ class RelayObserver(Protocol):
     def relay_closed(self, relay: "Relay") -> None:
         """Called once after both fds are closed."""
 
+    def relay_first_eof(self, relay: "Relay") -> None:
+        """Called when the first direction reads EOF (both peers still connected:
+        the moment to sample subflows before they start going away)."""
+
 
 class Direction:
     """One direction of a relay: bytes read from ``src`` are written to ``dst``."""
@@ -315,6 +319,9 @@ class Relay:
                 return    # -2: failed and closed
             if n == 0:
                 d.eof = True
+                other = self.ba if d is self.ab else self.ab
+                if not other.eof and self.engine.observer is not None:
+                    self.engine.observer.relay_first_eof(self)
 
     def _read_copy(self, d: Direction) -> int:
         """Read one chunk into ``d.buf``: >0 bytes, 0 EOF, -1 would block, -2 failed."""

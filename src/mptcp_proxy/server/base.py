@@ -293,11 +293,21 @@ class ProxyServer:
         self.stats.rejected += 1
         self._session_ended(session, reason, 0, 0, duration)
 
+    def relay_first_eof(self, relay: Relay) -> None:
+        self._sample_subflows(relay)
+
     def relay_closing(self, relay: Relay) -> None:
+        self._sample_subflows(relay)
+
+    def _sample_subflows(self, relay: Relay) -> None:
+        """Subflow counts are live counts (MPTCP_INFO); the log keeps the most seen."""
         session: Session = relay.meta  # type: ignore[assignment]
-        session.client_mptcp = _safe_is_mptcp(relay.sa)
-        session.client_subflows = _subflows(relay.sa, session.client_mptcp)
-        session.upstream_subflows = _subflows(relay.sb, bool(session.upstream_mptcp))
+        if session.client_mptcp is None:
+            session.client_mptcp = _safe_is_mptcp(relay.sa)
+        session.client_subflows = max(session.client_subflows,
+                                      _subflows(relay.sa, session.client_mptcp))
+        session.upstream_subflows = max(session.upstream_subflows,
+                                        _subflows(relay.sb, bool(session.upstream_mptcp)))
 
     def relay_closed(self, relay: Relay) -> None:
         self.stats.bytes_up += relay.bytes_up
