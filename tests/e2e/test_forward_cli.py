@@ -142,3 +142,29 @@ def test_fd_exhaustion_pauses_accepting_without_spinning_then_recovers(server):
         proc.signal(signal.SIGTERM)
         proc.wait(15)
         proc.kill()
+
+
+def test_workers_share_the_port_and_stop_together(server):
+    port = free_port()
+    proc = CliProcess(["forward", "--listen", f"127.0.0.1:{port}", "--to",
+                       f"{server.addr[0]}:{server.addr[1]}", "--workers", "2"])
+    try:
+        proc.wait_for("forward[1]: listening on")
+        proc.wait_for("forward[0]: listening on")
+        for i in range(20):
+            with connect(("127.0.0.1", port), mptcp=True) as c:
+                send_all_and_shut(c, payload(1000, i))
+                assert recv_until_eof(c) == (sha256(payload(50_000, 9)), 50_000)
+        out = proc.wait_for("reason=done")
+        pids = set(re.findall(r"worker \d started \(pid (\d+)\)", out))
+        assert len(pids) == 2
+    finally:
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    assert proc.output.count("stopped; ") == 2
+
+
+def test_workers_need_a_fixed_port(server):
+    proc = CliProcess(["forward", "--listen", "127.0.0.1:0", "--to",
+                       f"{server.addr[0]}:{server.addr[1]}", "--workers", "2"])
+    assert proc.wait(10) == 2 and "--workers" in proc.output

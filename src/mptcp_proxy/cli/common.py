@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mptcp_proxy.config import RelayConfig
+from mptcp_proxy.errors import ConfigError
 
 
 def add_relay_options(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +25,16 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
                        help="on SIGINT/SIGTERM wait this long for open connections (default 10)")
     group.add_argument("--no-conn-log", action="store_true",
                        help="do not log one line per connection")
+    group.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="worker processes sharing the port with SO_REUSEPORT (default 1)")
+
+
+def check_workers(args: argparse.Namespace, listen_port: int) -> int:
+    if args.workers < 1 or args.workers > 256:
+        raise ConfigError("--workers", "must be between 1 and 256")
+    if args.workers > 1 and listen_port == 0:
+        raise ConfigError("--workers", "several workers need a fixed --listen port")
+    return args.workers
 
 
 def relay_config(args: argparse.Namespace) -> RelayConfig:

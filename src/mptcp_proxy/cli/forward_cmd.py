@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mptcp_proxy.cli.common import add_relay_options, relay_config
+from mptcp_proxy.cli.common import add_relay_options, check_workers, relay_config
 from mptcp_proxy.config import Endpoint, ForwardConfig, UpstreamMode
 
 log = logging.getLogger("mptcp_proxy.cli")
@@ -42,14 +42,25 @@ def config_from_args(args: argparse.Namespace) -> ForwardConfig:
 
 def run(args: argparse.Namespace) -> int:
     from mptcp_proxy.server.forward import ForwardServer
+    from mptcp_proxy.server.workers import run_workers
 
     config = config_from_args(args)
-    server = ForwardServer(config).start()
-    for addr in server.listen_addresses():
-        log.info("forward: listening on %s:%d -> %s (upstream %s, %s relay, max %d connections)",
-                 addr[0], addr[1], config.target, config.upstream.value,
-                 "splice" if config.relay.splice else "copy", server.max_connections)
-    server.serve_forever()
-    log.info("forward: stopped; %d connections served, %d rejected",
-             server.stats.relayed, server.stats.rejected)
-    return 0
+    workers = check_workers(args, config.listen.port)
+
+    def serve(index: int = 0) -> int:
+        server = ForwardServer(config).start(reuseport=workers > 1)
+        for addr in server.listen_addresses():
+            log.info("forward%s: listening on %s:%d -> %s (upstream %s, %s relay, "
+                     "max %d connections)", f"[{index}]" if workers > 1 else "",
+                     addr[0], addr[1], config.target, config.upstream.value,
+                     "splice" if config.relay.splice else "copy", server.max_connections)
+        server.serve_forever()
+        log.info("forward: stopped; %d connections served, %d rejected",
+                 server.stats.relayed, server.stats.rejected)
+        return 0
+
+    if workers == 1:
+        return serve()
+    # Fail early in the parent on a bad address rather than in every worker.
+    ForwardServer(config).start(reuseport=True)._close_everything()
+    return run_workers(workers, serve)

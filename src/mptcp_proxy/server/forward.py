@@ -26,8 +26,9 @@ class ForwardServer(ProxyServer):
                                    tcp_only_ttl=config.tcp_only_ttl)
         self.pending: dict[int, object] = {}
 
-    def start(self) -> "ForwardServer":
-        self.add_listener(open_listener(self.config.listen, backlog=self.config.backlog))
+    def start(self, reuseport: bool = False) -> "ForwardServer":
+        self.add_listener(open_listener(self.config.listen, backlog=self.config.backlog,
+                                        reuseport=reuseport))
         return self
 
     def handle_accept(self, sock: socket.socket, addr: tuple, session: Session) -> None:
