@@ -78,9 +78,10 @@ SERVER_CMD = {"bulk": "bulk-server", "conn": "conn-server", "idle": "idle-server
 
 @dataclass(frozen=True)
 class Scenario:
-    key: str          # "direct", "tcp", "mptcp"
+    key: str                 # "direct", "tcp", "mptcp"; controls: "tcp-direct", "tcp-proxy"
     label: str
-    upstream: str | None   # proxy --upstream, None for direct
+    upstream: str | None     # proxy --upstream, None for direct
+    client_proto: str = "mptcp"
 
 
 SCENARIOS = (
@@ -88,6 +89,18 @@ SCENARIOS = (
     Scenario("tcp", "(b) proxy, upstream tcp", "tcp"),
     Scenario("mptcp", "(b') proxy, upstream mptcp", "mptcp"),
 )
+# Controls with a plain TCP client (no MPTCP anywhere): the relay's own cost,
+# without what MPTCP does on the client leg. Bulk single stream only.
+CONTROLS = (
+    Scenario("tcp-direct", "(c) direct, TCP client", None, "tcp"),
+    Scenario("tcp-proxy", "(d) proxy up=tcp, TCP client", "tcp", "tcp"),
+)
+
+# Kernel counters read in every namespace around each bulk run: MPTCP-level
+# retransmissions are the signature of the stalls described in the report.
+COUNTERS = (("MPTcpExt", "MPTCPRetrans"), ("MPTcpExt", "DuplicateData"),
+            ("TcpExt", "TCPFastRetrans"), ("TcpExt", "TCPSACKReorder"),
+            ("TcpExt", "TCPFromZeroWindowAdv"))
 
 
 class BenchError(RuntimeError):
@@ -222,6 +235,16 @@ def machine_cpu() -> tuple[float, float]:
     return total - idle, total
 
 
+def kernel_counters(lab: Lab) -> dict[str, int]:
+    """COUNTERS summed over the lab's three namespaces."""
+    total = {f"{sec}.{name}": 0 for sec, name in COUNTERS}
+    for node in lab.nodes:
+        stats = node.netstat()
+        for sec, name in COUNTERS:
+            total[f"{sec}.{name}"] += stats.get(sec, {}).get(name, 0)
+    return total
+
+
 def wait_listening(pid: int, port: int, timeout: float = 10.0) -> None:
     """Until process ``pid``'s namespace has a TCP listener on ``port``."""
     want = f":{port:04X}"
@@ -251,11 +274,21 @@ class Setup:
 
     def target(self, sc: Scenario, service: str) -> str:
         if sc.upstream is None:
-            return f"{self.lab.server_addr}:{SERVER_PORT[(service, 'mptcp')]}"
+            return f"{self.lab.server_addr}:{SERVER_PORT[(service, sc.client_proto)]}"
         return f"{self.lab.paths[0].proxy_addr}:{PROXY_PORT[(service, sc.upstream)]}"
 
     def proxy(self, sc: Scenario, service: str) -> Proc | None:
         return None if sc.upstream is None else self.proxies[(service, sc.upstream)]
+
+
+def enable_rps(lab: Lab) -> None:
+    """RPS on every lab veth: each flow is processed on one CPU, so its packets
+    stay in order when the sending task migrates (veth enqueues on the current CPU)."""
+    mask = format((1 << (os.cpu_count() or 1)) - 1, "x")
+    script = ("for f in /sys/class/net/*/queues/rx-*/rps_cpus; do "
+              "case $f in */lo/*) ;; *) echo %s > $f;; esac; done" % mask)
+    for node in lab.nodes:
+        node.run(["sh", "-c", script])
 
 
 def start_everything(setup: Setup) -> None:
@@ -292,6 +325,7 @@ def run_clients(setup: Setup, argvs: list[list[str]], name: str, timeout: float,
     try:
         for c in clients:
             c.expect("ready", 20)
+        counters0 = kernel_counters(setup.lab)
         cpu0 = proc_cpu_seconds(proxy.pid) if proxy else 0.0
         busy0, total0 = machine_cpu()
         t0 = time.monotonic()
@@ -301,11 +335,13 @@ def run_clients(setup: Setup, argvs: list[list[str]], name: str, timeout: float,
         wall = time.monotonic() - t0
         cpu1 = proc_cpu_seconds(proxy.pid) if proxy else 0.0
         busy1, total1 = machine_cpu()
+        counters1 = kernel_counters(setup.lab)
     finally:
         for c in clients:
             setup.procs.finish(c, timeout=5)
     meter = {"wall": wall, "proxy_cpu": cpu1 - cpu0,
-             "machine_busy": (busy1 - busy0) / max(1, total1 - total0)}
+             "machine_busy": (busy1 - busy0) / max(1, total1 - total0),
+             "counters": {k: counters1[k] - counters0[k] for k in counters0}}
     return results, meter
 
 
@@ -314,7 +350,8 @@ def bulk(setup: Setup, sc: Scenario, op: str, streams: int, duration: float,
     target = setup.target(sc, "bulk")
     argvs = []
     for i in range(streams):
-        a = ["bulk-client", "--connect", target, "--op", op, "--wait-go", "--seed", seed + i]
+        a = ["bulk-client", "--connect", target, "--proto", sc.client_proto, "--op", op,
+             "--wait-go", "--seed", seed + i]
         a += ["--volume", volume, "--hash"] if volume else ["--duration", duration]
         argvs.append(load_argv(*a))
     timeout = (60 if volume else duration + 30)
@@ -449,6 +486,13 @@ def render_table(res: dict, args: argparse.Namespace) -> str:
         cells = {k: (f"{s[k]['p50_ms']:.2f} / {s[k]['p99_ms']:.2f}"
                      if s[k]["p50_ms"] is not None else "-") for k in sc_keys}
         add(f"  latency p50 / p99 ms c={c}", cells, None, "")
+    add("  proxy CPU us per connection c=64",
+        {k: f"{res['conn']['c64'][k]['proxy_us_per_conn']:.0f}" for k in ("tcp", "mptcp")},
+        None, "")
+    rtx = res["mptcp_rtx"]
+    add("MPTCP-level retransmits, bulk runs with any",
+        {k: f"{rtx[k]['runs_with_rtx']}/{rtx[k]['runs']} (sum {rtx[k]['total']})"
+         for k in sc_keys}, None, "")
     cpu = res["proxy_cpu"]
     add("proxy CPU s per GB relayed (bulk)",
         {k: f"{cpu[k]['s_per_gb']:.3f}" for k in ("tcp", "mptcp")}, None, "")
@@ -482,14 +526,7 @@ def render_table(res: dict, args: argparse.Namespace) -> str:
             + (f"; {idle_r[k]['errors']}" if k in idle_r else "") for k in sc_keys},
         None, "0")
 
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = []
-    for i, r in enumerate(rows):
-        lines.append("  ".join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j])
-                               for j, cell in enumerate(r)).rstrip())
-        if i == 0:
-            lines.append("-" * len(lines[0]))
-    return "\n".join(lines)
+    return _format(rows)
 
 
 # -- main -------------------------------------------------------------------------------
@@ -504,14 +541,23 @@ def main() -> int:
     ap.add_argument("--idle-conns", type=int, default=5000, metavar="N")
     ap.add_argument("--conn-procs", type=int, default=2, metavar="N",
                     help="client processes sharing the c=64 connection-rate load (default 2)")
+    ap.add_argument("--rps", action="store_true",
+                    help="steer each flow to one CPU on the lab's veths (RPS): no veth "
+                         "reordering when senders migrate between CPUs")
     ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = ap.parse_args()
     duration = args.duration or (1.0 if args.quick else 3.0)
-    integrity_volume = (64 if args.quick else 256) << 20
+    integrity_volume = (32 if args.quick else 128) << 20
 
     if os.geteuid() != 0:
         print("relay.py needs root (network namespaces)", file=sys.stderr)
         return 2
+    # Everything shares 2 cores with whatever else runs here, and MPTCP bulk
+    # collapses under CPU contention (see the report): record how busy we found it.
+    busy0, total0 = machine_cpu()
+    time.sleep(1.0)
+    busy1, total1 = machine_cpu()
+    busy_before = (busy1 - busy0) / max(1, total1 - total0)
     started = time.time()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     meta = {"started": stamp, "kernel": platform.release(), "cpus": os.cpu_count(),
@@ -519,9 +565,14 @@ def main() -> int:
             "duration": duration, "repeat": args.repeat, "quick": args.quick,
             "integrity_bytes": integrity_volume, "idle_conns": args.idle_conns,
             "conn_procs_c64": args.conn_procs, "python": platform.python_version(),
+            "rps": args.rps, "machine_busy_before": busy_before,
             "other_labs": sorted({n[:-2] for n in os.listdir("/run/netns")}
                                  if os.path.isdir("/run/netns") else [])}
     raw: dict = {"bulk": [], "integrity": [], "conn": [], "idle": []}
+    if busy_before > 0.10:
+        print(f"warning: the machine was {busy_before:.0%} busy before the run (other "
+              f"processes, labs {', '.join(meta['other_labs']) or 'none'}): figures will be "
+              "low and noisy, MPTCP bulk most of all", file=sys.stderr)
     logdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     procs = Procs(logdir)
     try:
@@ -529,6 +580,8 @@ def main() -> int:
             meta["lab"] = lab.name
             setup = Setup(lab, procs)
             try:
+                if args.rps:
+                    enable_rps(lab)
                 start_everything(setup)
                 say = lambda msg: print(f"[{time.time() - started:5.1f}s] {msg}", flush=True)  # noqa: E731
                 say(f"lab {lab.name} up; servers and 6 proxies running; logs in {logdir}")
@@ -543,25 +596,27 @@ def main() -> int:
                 plan = [(1, rep) for rep in range(args.repeat)] + [(8, 0)]
                 for streams, rep in plan:
                     for op in ("up", "down"):
-                        for sc in SCENARIOS:
+                        for sc in SCENARIOS + (CONTROLS if streams == 1 else ()):
                             r = bulk(setup, sc, op, streams, duration)
                             r["rep"] = rep
                             raw["bulk"].append(r)
-                            say(f"bulk {sc.key:6s} {op:4s} x{streams} {r['gbps']:6.2f} Gbit/s "
-                                f"proxy cpu {r['proxy_cpu'] / r['wall']:.0%} "
-                                f"machine {r['machine_busy']:.0%}")
+                            say(f"bulk {sc.key:10s} {op:4s} x{streams} {r['gbps']:6.2f} Gbit/s "
+                                f"proxy cpu {r['proxy_cpu'] / r['wall']:4.0%} "
+                                f"machine {r['machine_busy']:4.0%} mptcp-rtx "
+                                f"{r['counters']['MPTcpExt.MPTCPRetrans']}")
                 # 3. Connection rate.
                 for c in (1, 64):
                     for sc in SCENARIOS:
                         r = connrate(setup, sc, c, duration, 1 if c == 1 else args.conn_procs)
                         raw["conn"].append(r)
-                        say(f"conn   {sc.key:6s} c={c:<3d} {r['rate']:7.0f}/s "
-                            f"p50 {r['p50_ms']} p99 {r['p99_ms']} ms errors {r['errors']}")
+                        say(f"conn {sc.key:10s} c={c:<3d} {r['rate']:7.0f}/s "
+                            f"p50 {r['p50_ms']} p99 {r['p99_ms']} ms errors {r['errors']} "
+                            f"proxy cpu {r['proxy_cpu'] / r['wall']:.0%}")
                 # 4. Idle connections (proxies only).
                 for sc in SCENARIOS[1:]:
                     r = idle(setup, sc, args.idle_conns)
                     raw["idle"].append(r)
-                    say(f"idle   {sc.key:6s} {r['established']} held, "
+                    say(f"idle {sc.key:10s} {r['established']} held, "
                         f"{r['kib_per_conn']:.2f} KiB/conn, proxy fds {r['fds_after']}")
             finally:
                 procs.kill_all()
@@ -588,7 +643,10 @@ def main() -> int:
     print()
     print(render_table(res, args))
     print()
-    print(f"took {meta['seconds']:.0f} s; load average before {' '.join(meta['loadavg_before'])}"
+    print(render_controls(res))
+    print()
+    print(f"took {meta['seconds']:.0f} s; machine {busy_before:.0%} busy in the second before; "
+          f"load average before {' '.join(meta['loadavg_before'])}"
           + (f"; other labs present at start: {', '.join(meta['other_labs'])}"
              if meta["other_labs"] else ""))
     print(f"results: {path}")
@@ -602,16 +660,27 @@ def main() -> int:
 def analyze(raw: dict) -> dict:
     keys = [s.key for s in SCENARIOS]
     res: dict = {"bulk": {}, "conn": {}, "idle": {}, "integrity": {}, "proxy_cpu": {},
-                 "mptcp": {}}
+                 "mptcp": {}, "controls": {}, "mptcp_rtx": {}}
     for streams in (1, 8):
         for op in ("up", "down"):
             res["bulk"][f"bulk_{streams}_{op}"] = {
                 k: summarize([r for r in raw["bulk"] if r["scenario"] == k
                               and r["streams"] == streams and r["op"] == op]) for k in keys}
+    for op in ("up", "down"):
+        res["controls"][f"bulk_1_{op}"] = {
+            c.key: summarize([r for r in raw["bulk"] if r["scenario"] == c.key
+                              and r["op"] == op]) for c in CONTROLS}
+    for c in CONTROLS:
+        runs = [r for r in raw["bulk"] if r["scenario"] == c.key]
+        res["controls"].setdefault("proxy_util", {})[c.key] = (
+            sum(r["proxy_cpu"] for r in runs) / sum(r["wall"] for r in runs))
     for c in (1, 64):
-        res["conn"][f"c{c}"] = {r["scenario"]: {x: r[x] for x in (
-            "rate", "p50_ms", "p99_ms", "errors", "late", "completed", "client_cpu",
-            "machine_busy", "proxy_cpu", "wall")} for r in raw["conn"] if r["concurrency"] == c}
+        res["conn"][f"c{c}"] = {r["scenario"]: {
+            **{x: r[x] for x in ("rate", "p50_ms", "p99_ms", "errors", "late", "completed",
+                                 "client_cpu", "machine_busy", "proxy_cpu", "wall")},
+            "proxy_us_per_conn": (r["proxy_cpu"] / r["completed"] * 1e6
+                                  if r["completed"] else None)}
+            for r in raw["conn"] if r["concurrency"] == c}
     for r in raw["idle"]:
         res["idle"][r["scenario"]] = {x: r[x] for x in (
             "kib_per_conn", "established", "errors", "pss_before_kib", "pss_after_kib",
@@ -619,6 +688,11 @@ def analyze(raw: dict) -> dict:
     for r in raw["integrity"]:
         res["integrity"].setdefault(r["scenario"], {})[r["op"]] = {
             "sha_ok": r["sha_ok"], "bytes": r["bytes"], "gbps": r["gbps"]}
+    for k in keys + [c.key for c in CONTROLS]:
+        runs = [r for r in raw["bulk"] if r["scenario"] == k]
+        rtx = [r["counters"]["MPTcpExt.MPTCPRetrans"] for r in runs]
+        res["mptcp_rtx"][k] = {"per_run_median": statistics.median(rtx), "total": sum(rtx),
+                               "runs_with_rtx": sum(1 for x in rtx if x), "runs": len(rtx)}
     for k in keys:
         runs = [r for r in raw["bulk"] if r["scenario"] == k]
 
@@ -653,6 +727,31 @@ def analyze(raw: dict) -> dict:
                 client[1] += r["established"]
         res["mptcp"][k] = {"client": client, "server": server}
     return res
+
+
+def render_controls(res: dict) -> str:
+    rows = [("control: plain TCP client, single stream", "(c) direct TCP",
+             "(d) proxy up=tcp", "d/c")]
+    ctl = res["controls"]
+    for op, word in (("up", "upload c->s"), ("down", "download s->c")):
+        s = ctl[f"bulk_1_{op}"]
+        cells = [f"{s[k]['median']:.2f} [{s[k]['min']:.2f}-{s[k]['max']:.2f}]"
+                 for k in ("tcp-direct", "tcp-proxy")]
+        rows.append((f"bulk 1 stream {word} Gbit/s med[min-max]", *cells,
+                     ratio_cell(s["tcp-proxy"]["median"], s["tcp-direct"]["median"], None)))
+    rows.append(("  proxy CPU use", "-", f"{ctl['proxy_util']['tcp-proxy']:.0%}", ""))
+    return _format(rows)
+
+
+def _format(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for i, r in enumerate(rows):
+        lines.append("  ".join(cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j])
+                               for j, cell in enumerate(r)).rstrip())
+        if i == 0:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

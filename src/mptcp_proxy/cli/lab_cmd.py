@@ -13,9 +13,9 @@ import os
 from mptcp_proxy.errors import ConfigError, LabError
 from mptcp_proxy.lab import Lab, PathSpec, list_labs, remove_lab
 from mptcp_proxy.lab.topology import (
+    ALL_ROLES,
     LAB_PREFIX,
     MAX_PATHS,
-    ROLES,
     TOPOLOGIES,
     canonical_name,
     state_path,
@@ -55,8 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     exec_ = sub.add_parser("exec", help="run a command in a node of a lab",
                            description="Run CMD in a lab node; exits with its status.")
     exec_.add_argument("name", metavar="NAME")
-    exec_.add_argument("role", choices=ROLES, metavar="NODE",
-                       help="one of " + ", ".join(ROLES))
+    exec_.add_argument("role", choices=ALL_ROLES, metavar="NODE",
+                       help="one of " + ", ".join(ALL_ROLES) + " (wifi and mpserver: "
+                            "operator topology)")
     exec_.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     exec_.set_defaults(func=cmd_exec)
 
@@ -80,17 +81,25 @@ def path_specs(paths: int | None, rates: list[float] | None) -> list[PathSpec]:
 
 def format_facts(lab: Lab) -> str:
     """What a person needs to use a lab, as text."""
-    c, p, s = (n.ns for n in lab.nodes)
+    c = lab.client.ns
     lines = [f"lab {lab.name} ({lab.topology}, {len(lab.paths)} paths)",
-             f"  namespaces  client {c}  proxy {p}  server {s}"]
+             "  namespaces  " + "  ".join(f"{n.role} {n.ns}" for n in lab.nodes)]
     for a in lab.paths:
         rate = f"{a.rate_mbit:g} Mbit/s" if a.rate_mbit else "unshaped"
         lines.append(f"  path {a.index}      client {a.client_if} {a.client_addr} "
-                     f"{a.client_addr6}  <->  proxy {a.proxy_if} {a.proxy_addr} "
+                     f"{a.client_addr6}  <->  {a.gateway} {a.proxy_if} {a.proxy_addr} "
                      f"{a.proxy_addr6}  {rate}")
+    if lab.topology == "operator":
+        lines += [
+            f"  server      {lab.server_addr} {lab.server_addr6}  (plain TCP)",
+            f"  mpserver    {lab.mpserver_addr} {lab.mpserver_addr6}  (MPTCP)",
+            f"  proxy       public {lab.proxy_public_addr} {lab.proxy_public_addr6}  "
+            f"(path 0 crosses it, path 1 does not)",
+        ]
+    else:
+        lines.append(f"  server      {lab.server_addr} {lab.server_addr6}  "
+                     f"(proxy side {lab.proxy_server_side_addr} {lab.proxy_server_side_addr6})")
     lines += [
-        f"  server      {lab.server_addr} {lab.server_addr6}  "
-        f"(proxy side {lab.proxy_server_side_addr} {lab.proxy_server_side_addr6})",
         f"  exec        mptcp-proxy lab exec {lab.name} client -- ip -br addr",
         f"              ip netns exec {c} bash",
         f"  remove      mptcp-proxy lab down {lab.name}",

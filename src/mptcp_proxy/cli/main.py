@@ -19,6 +19,8 @@ from mptcp_proxy.errors import ConfigError, ProxyError
 # Subcommand modules, in the order `--help` lists them.
 COMMANDS = (
     "mptcp_proxy.cli.forward_cmd",
+    "mptcp_proxy.cli.convert_cmd",
+    "mptcp_proxy.cli.transparent_cmd",
     "mptcp_proxy.cli.lab_cmd",
     "mptcp_proxy.cli.demo_cmd",
 )

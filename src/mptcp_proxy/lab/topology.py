@@ -10,6 +10,25 @@ The ``basic`` topology::
 The client routes by source address (``ip rule from 10.K.I.1 lookup 100+I``),
 defaults to path 0 and has a ``subflow`` MPTCP endpoint on every path.
 
+The ``operator`` topology (exactly two paths) puts the proxy on one access
+path only, like a mobile operator's middlebox::
+
+    client <name>-c      proxy <name>-p          wifi <name>-w (router, "the Internet")
+      path0 10.K.0.1 ==== path0 10.K.0.2                      (path 0, "cellular")
+                          uplink 10.K.253.1 ----- proxy 10.K.253.2
+                          (its public address)
+      path1 10.K.1.1 ================================ path1 10.K.1.2 (path 1, "Wi-Fi")
+                                                  srvlink 10.K.254.1 --- server <name>-s
+                                                                         srvlink 10.K.254.2
+                                                  mpsrvlink 10.K.252.1 - mpserver <name>-m
+                                                                         srvlink 10.K.252.2
+
+The server speaks plain TCP (``net.mptcp.enabled=0`` in its namespace, so
+whatever runs there does); the second server, ``mpserver``, speaks MPTCP.
+Both access paths are shaped with tbf at both ends; the core links are not.
+The client is set up as in ``basic`` (default route via path 0, so through the
+proxy), except that its endpoints are also ``fullmesh`` (see render_node).
+
 IPv6 mirrors IPv4: ``fd00:K:I::1/64`` for ``10.K.I.1/24``. ``K`` is derived from
 the lab name so that two labs never look alike in a trace (their namespaces
 keep them apart anyway). The proxy namespace is also a router, so the client
@@ -53,9 +72,12 @@ log = logging.getLogger(__name__)
 
 LAB_PREFIX = "mpx-"
 STATE_DIR = Path("/run/mptcp-proxy/labs")
-TOPOLOGIES = ("basic",)
-ROLES = ("client", "proxy", "server")
-ROLE_SUFFIX = {"client": "-c", "proxy": "-p", "server": "-s"}
+TOPOLOGIES = ("basic", "operator")
+ROLES = ("client", "proxy", "server")               # the basic topology's nodes
+OPERATOR_ROLES = ("client", "proxy", "wifi", "server", "mpserver")
+ALL_ROLES = ("client", "proxy", "wifi", "server", "mpserver")
+ROLE_SUFFIX = {"client": "-c", "proxy": "-p", "server": "-s", "wifi": "-w", "mpserver": "-m"}
+OPERATOR_PATHS = 2           # path 0 through the proxy, path 1 through the Wi-Fi router
 
 # The kernel path manager holds at most 8 endpoints (MPTCP_PM_ADDR_MAX; a 9th
 # fails with ERANGE) and each path takes two, IPv4 and IPv6.
@@ -79,6 +101,10 @@ IFINDEX_CLIENT_PATH = 10     # + path index
 IFINDEX_PROXY_PATH = 20      # + path index
 IFINDEX_PROXY_SERVER = 30
 IFINDEX_SERVER = 40
+IFINDEX_WIFI_CORE = 50       # + core link number (operator)
+IFINDEX_MPSERVER = 60
+UPLINK_SUBNET = 253          # operator: proxy uplink (its public address) to the router
+MPSERVER_SUBNET = 252        # operator: router to the MPTCP server
 LINK_UP_TIMEOUT_S = 3.0
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,23}$")
@@ -113,10 +139,14 @@ class AccessPath:
     client_addr: str
     client_addr6: str
     proxy_if: str
+    """Interface at the far end (the gateway's end) of the path."""
     proxy_addr: str
+    """Address of the far end: the client's gateway on this path."""
     proxy_addr6: str
     prefix_len: int = 24
     prefix_len6: int = 64
+    gateway: str = "proxy"
+    """Role of the node at the far end: ``proxy``, or ``wifi`` (operator path 1)."""
 
     @property
     def rate_mbit(self) -> float | None:
@@ -129,6 +159,24 @@ class AccessPath:
 
 
 @dataclass(frozen=True)
+class CoreLink:
+    """An unshaped point-to-point veth behind the access paths (operator topology)."""
+
+    a_role: str
+    a_if: str
+    a_index: int
+    a_addr: str
+    a_addr6: str
+    b_role: str
+    b_if: str
+    b_index: int
+    b_addr: str
+    b_addr6: str
+    prefix_len: int = 24
+    prefix_len6: int = 64
+
+
+@dataclass(frozen=True)
 class LabPlan:
     """Everything about a lab that can be known before building it."""
 
@@ -136,19 +184,37 @@ class LabPlan:
     topology: str
     paths: tuple[AccessPath, ...]
     proxy_server_if: str
+    """The proxy's server-facing interface (operator: its uplink to the router)."""
     proxy_server_side_addr: str
+    """The proxy's server-facing address (operator: its public address)."""
     proxy_server_side_addr6: str
     server_if: str
     server_addr: str
     server_addr6: str
+    roles: tuple[str, ...] = ROLES
+    """The lab's nodes, in build order."""
+    links: tuple[CoreLink, ...] = ()
+    """Operator: the core links (proxy uplink, router to each server)."""
+    mpserver_addr: str = ""
+    """Operator: the MPTCP server's address ("" in the basic topology)."""
+    mpserver_addr6: str = ""
 
     def ns(self, role: str) -> str:
-        """Namespace name of ``role`` (client, proxy or server)."""
+        """Namespace name of ``role`` (client, proxy, server, wifi, mpserver)."""
         return self.name + ROLE_SUFFIX[role]
 
     @property
     def namespaces(self) -> tuple[str, ...]:
-        return tuple(self.ns(role) for role in ROLES)
+        return tuple(self.ns(role) for role in self.roles)
+
+    @property
+    def proxy_public_addr(self) -> str:
+        """The proxy address every node can reach (what a transparent proxy announces)."""
+        return self.proxy_server_side_addr
+
+    @property
+    def proxy_public_addr6(self) -> str:
+        return self.proxy_server_side_addr6
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,7 +224,11 @@ class LabPlan:
         try:
             paths = tuple(
                 AccessPath(**{**p, "spec": PathSpec(**p["spec"])}) for p in data["paths"])
-            return cls(**{**data, "paths": paths})
+            links = tuple(CoreLink(**link) for link in data.get("links", ()))
+            roles = tuple(data.get("roles", ROLES))
+            if any(role not in ROLE_SUFFIX for role in roles):
+                raise LabError(f"malformed lab state: unknown roles in {roles}")
+            return cls(**{**data, "paths": paths, "links": links, "roles": roles})
         except (KeyError, TypeError) as exc:
             raise LabError(f"malformed lab state: {exc}") from None
 
@@ -196,6 +266,9 @@ def plan_lab(name: str, paths: Sequence[PathSpec], topology: str = "basic") -> L
         # Canonical text, so it compares equal to what getpeername() returns.
         return str(ipaddress.IPv6Address(f"fd00:{k}:{subnet}::{host}"))
 
+    if topology == "operator":
+        return _plan_operator(name, paths, k, v6)
+
     access = tuple(
         AccessPath(index=i, spec=spec,
                    client_if=f"path{i}", client_addr=f"10.{k}.{i}.1", client_addr6=v6(i, 1),
@@ -209,6 +282,44 @@ def plan_lab(name: str, paths: Sequence[PathSpec], topology: str = "basic") -> L
         server_if=SERVER_LINK_IF,
         server_addr=f"10.{k}.{SERVER_SUBNET}.2",
         server_addr6=v6(SERVER_SUBNET, 2),
+    )
+
+
+def _plan_operator(name: str, paths: Sequence[PathSpec], k: int, v6) -> LabPlan:
+    """The operator topology: path 0 through the proxy, path 1 through the Wi-Fi router."""
+    if len(paths) != OPERATOR_PATHS:
+        raise LabError(f"the operator topology has {OPERATOR_PATHS} paths "
+                       f"(cellular, Wi-Fi), not {len(paths)}")
+    access = tuple(
+        AccessPath(index=i, spec=spec,
+                   client_if=f"path{i}", client_addr=f"10.{k}.{i}.1", client_addr6=v6(i, 1),
+                   proxy_if=f"path{i}", proxy_addr=f"10.{k}.{i}.2", proxy_addr6=v6(i, 2),
+                   gateway="proxy" if i == 0 else "wifi")
+        for i, spec in enumerate(paths))
+
+    def core(subnet: int, a_role: str, a_if: str, a_index: int,
+             b_role: str, b_if: str, b_index: int) -> CoreLink:
+        return CoreLink(a_role=a_role, a_if=a_if, a_index=a_index,
+                        a_addr=f"10.{k}.{subnet}.1", a_addr6=v6(subnet, 1),
+                        b_role=b_role, b_if=b_if, b_index=b_index,
+                        b_addr=f"10.{k}.{subnet}.2", b_addr6=v6(subnet, 2))
+
+    links = (
+        core(UPLINK_SUBNET, "proxy", "uplink", IFINDEX_PROXY_SERVER,
+             "wifi", "proxy", IFINDEX_WIFI_CORE),
+        core(SERVER_SUBNET, "wifi", SERVER_LINK_IF, IFINDEX_WIFI_CORE + 1,
+             "server", SERVER_LINK_IF, IFINDEX_SERVER),
+        core(MPSERVER_SUBNET, "wifi", "mpsrvlink", IFINDEX_WIFI_CORE + 2,
+             "mpserver", SERVER_LINK_IF, IFINDEX_MPSERVER),
+    )
+    uplink, srv, mpsrv = links
+    return LabPlan(
+        name=name, topology="operator", paths=access,
+        proxy_server_if=uplink.a_if,
+        proxy_server_side_addr=uplink.a_addr, proxy_server_side_addr6=uplink.a_addr6,
+        server_if=srv.b_if, server_addr=srv.b_addr, server_addr6=srv.b_addr6,
+        roles=OPERATOR_ROLES, links=links,
+        mpserver_addr=mpsrv.b_addr, mpserver_addr6=mpsrv.b_addr6,
     )
 
 
@@ -237,12 +348,27 @@ def render_links(plan: LabPlan) -> list[str]:
     Each end is created directly in its namespace: nothing touches the root
     namespace and names never clash.
     """
+    if plan.topology == "operator":
+        return _render_links_operator(plan)
     c, p, s = plan.namespaces
     lines = [f"link add name {a.client_if} index {IFINDEX_CLIENT_PATH + a.index} netns {c} "
              f"type veth peer name {a.proxy_if} index {IFINDEX_PROXY_PATH + a.index} netns {p}"
              for a in plan.paths]
     lines.append(f"link add name {plan.proxy_server_if} index {IFINDEX_PROXY_SERVER} netns {p} "
                  f"type veth peer name {plan.server_if} index {IFINDEX_SERVER} netns {s}")
+    return lines
+
+
+def _render_links_operator(plan: LabPlan) -> list[str]:
+    c = plan.ns("client")
+    lines = [f"link add name {a.client_if} index {IFINDEX_CLIENT_PATH + a.index} netns {c} "
+             f"type veth peer name {a.proxy_if} index {IFINDEX_PROXY_PATH + a.index} "
+             f"netns {plan.ns(a.gateway)}"
+             for a in plan.paths]
+    lines += [f"link add name {link.a_if} index {link.a_index} netns {plan.ns(link.a_role)} "
+              f"type veth peer name {link.b_if} index {link.b_index} "
+              f"netns {plan.ns(link.b_role)}"
+              for link in plan.links]
     return lines
 
 
@@ -285,6 +411,8 @@ def render_node(plan: LabPlan, role: str) -> tuple[list[str], list[str]]:
     ``lines6`` must run under ``ip -6``: in a batch, ``rule add from`` parses
     its address as IPv4 unless the whole batch is IPv6.
     """
+    if plan.topology == "operator" and role != "client":
+        return _render_node_operator(plan, role), []
     lines = ["link set lo up"]
     lines6: list[str] = []
     if role == "client":
@@ -305,9 +433,14 @@ def render_node(plan: LabPlan, role: str) -> tuple[list[str], list[str]]:
         # A `subflow` endpoint on every path: the kernel path manager adds a
         # subflow from each endpoint except the one the connection started
         # from (measured), so a connection begun on any path uses them all.
+        # Operator: `fullmesh` too. A transparent proxy sets the C bit, so no
+        # subflow goes to the initial address; for an announced address the
+        # kernel PM picks the source by routing (path 0 again) unless the
+        # endpoints are fullmesh, which make it join from every path (measured).
+        flags = "subflow fullmesh" if plan.topology == "operator" else "subflow"
         for a in plan.paths:
-            lines += [f"mptcp endpoint add {a.client_addr} dev {a.client_if} subflow",
-                      f"mptcp endpoint add {a.client_addr6} dev {a.client_if} subflow"]
+            lines += [f"mptcp endpoint add {a.client_addr} dev {a.client_if} {flags}",
+                      f"mptcp endpoint add {a.client_addr6} dev {a.client_if} {flags}"]
     elif role == "proxy":
         for a in plan.paths:
             lines += _addr_lines(a.proxy_if, a.proxy_addr, a.prefix_len,
@@ -326,22 +459,63 @@ def render_node(plan: LabPlan, role: str) -> tuple[list[str], list[str]]:
     return lines, lines6
 
 
+def _render_node_operator(plan: LabPlan, role: str) -> list[str]:
+    """Operator nodes other than the client (which is the same as in basic)."""
+    if role not in plan.roles:
+        raise LabError(f"unknown role {role!r}")
+    lines = ["link set lo up"]
+    for a in plan.paths:
+        if a.gateway == role:
+            lines += _addr_lines(a.proxy_if, a.proxy_addr, a.prefix_len,
+                                 a.proxy_addr6, a.prefix_len6)
+    for link in plan.links:
+        for end_role, ifname, addr, addr6 in ((link.a_role, link.a_if, link.a_addr, link.a_addr6),
+                                              (link.b_role, link.b_if, link.b_addr, link.b_addr6)):
+            if end_role == role:
+                lines += _addr_lines(ifname, addr, link.prefix_len, addr6, link.prefix_len6)
+    uplink = plan.links[0]
+    if role == "proxy":
+        # The proxy is the client's cellular gateway; the Internet is behind the router.
+        lines += [f"route add default via {uplink.b_addr} dev {uplink.a_if}",
+                  f"route add ::/0 via {uplink.b_addr6} dev {uplink.a_if}"]
+    elif role == "wifi":
+        # Client subnets of paths through the proxy are reached through the proxy.
+        for a in plan.paths:
+            if a.gateway == "proxy":
+                net = ipaddress.ip_interface(f"{a.client_addr}/{a.prefix_len}").network
+                net6 = ipaddress.ip_interface(f"{a.client_addr6}/{a.prefix_len6}").network
+                lines += [f"route add {net} via {uplink.a_addr} dev {uplink.b_if}",
+                          f"route add {net6} via {uplink.a_addr6} dev {uplink.b_if}"]
+    else:  # a server: everything through the router
+        link = next(x for x in plan.links if x.b_role == role)
+        lines += [f"route add default via {link.a_addr} dev {link.b_if}",
+                  f"route add ::/0 via {link.a_addr6} dev {link.b_if}"]
+    if role != "wifi":
+        lines.append(MPTCP_LIMITS_LINE)
+    return lines
+
+
 def render_shaping(plan: LabPlan, role: str) -> list[str]:
     """``tc -batch`` lines: a tbf on each shaped path, at both ends of its veth."""
-    if role == "server":
+    if role in ("server", "mpserver"):
         return []
     lines = []
     for a in plan.paths:
         if a.rate_mbit is None:
             continue
+        if role == "client":
+            ifname = a.client_if
+        elif role == a.gateway:
+            ifname = a.proxy_if
+        else:
+            continue
         rate, burst, limit = tbf_params(a.rate_mbit)
-        ifname = a.client_if if role == "client" else a.proxy_if
         lines.append(f"qdisc replace dev {ifname} root tbf rate {rate}bit "
                      f"burst {burst} limit {limit}")
     return lines
 
 
-def node_sysctls(role: str) -> list[tuple[str, int]]:
+def node_sysctls(role: str, topology: str = "basic") -> list[tuple[str, int]]:
     """Sysctls for ``role``'s namespace, set before any interface exists.
 
     ``default`` values are what new interfaces inherit, so writing them first
@@ -361,8 +535,11 @@ def node_sysctls(role: str) -> list[tuple[str, int]]:
         # A fresh measurement every connection, not one tuned by the last.
         ("net.ipv4.tcp_no_metrics_save", 1),
     ]
-    if role == "proxy":
+    if role in ("proxy", "wifi"):
         values += [("net.ipv4.ip_forward", 1), ("net.ipv6.conf.all.forwarding", 1)]
+    if topology == "operator" and role == "server":
+        # The operator lab's server speaks plain TCP whatever runs there.
+        values.append(("net.mptcp.enabled", 0))
     return values
 
 
@@ -372,7 +549,7 @@ def node_sysctls(role: str) -> list[tuple[str, int]]:
 
 @dataclass(frozen=True)
 class Node:
-    """One namespace of a lab (client, proxy or server)."""
+    """One namespace of a lab (client, proxy, server; operator: wifi, mpserver)."""
 
     role: str
     ns: str
@@ -420,6 +597,10 @@ class Lab:
         self.client = Node("client", plan.ns("client"))
         self.proxy = Node("proxy", plan.ns("proxy"))
         self.server = Node("server", plan.ns("server"))
+        # Operator topology only (None in basic): the Wi-Fi router, the MPTCP server.
+        self.wifi = Node("wifi", plan.ns("wifi")) if "wifi" in plan.roles else None
+        self.mpserver = Node("mpserver", plan.ns("mpserver")) if "mpserver" in plan.roles \
+            else None
         self._owned = owned  # built by this handle: leaving `with` destroys it
         self._destroyed = False
         # Reentrant: the SIGTERM handler runs on the main thread, maybe in
@@ -456,12 +637,28 @@ class Lab:
         return self.plan.proxy_server_side_addr6
 
     @property
-    def nodes(self) -> tuple[Node, Node, Node]:
-        return (self.client, self.proxy, self.server)
+    def mpserver_addr(self) -> str:
+        return self.plan.mpserver_addr
+
+    @property
+    def mpserver_addr6(self) -> str:
+        return self.plan.mpserver_addr6
+
+    @property
+    def proxy_public_addr(self) -> str:
+        return self.plan.proxy_public_addr
+
+    @property
+    def proxy_public_addr6(self) -> str:
+        return self.plan.proxy_public_addr6
+
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        return tuple(self.node(role) for role in self.plan.roles)
 
     def node(self, role: str) -> Node:
-        if role not in ROLES:
-            raise LabError(f"unknown node {role!r} (one of {', '.join(ROLES)})")
+        if role not in self.plan.roles:
+            raise LabError(f"unknown node {role!r} (one of {', '.join(self.plan.roles)})")
         return getattr(self, role)
 
     # -- lifecycle --------------------------------------------------------
@@ -511,7 +708,7 @@ class Lab:
         plan = self.plan
         netns.ip_batch([f"netns add {ns}" for ns in plan.namespaces])
         for node in self.nodes:
-            netns.sysctls(node.ns, node_sysctls(node.role))
+            netns.sysctls(node.ns, node_sysctls(node.role, plan.topology))
         netns.ip_batch(render_links(plan))
         for node in self.nodes:
             lines, lines6 = render_node(plan, node.role)
@@ -525,8 +722,13 @@ class Lab:
         """``(ns, ifname)`` of both ends of path ``index``, or of every link."""
         paths = self.paths if index is None else (self.paths[index],)
         links = [(ns, ifname) for a in paths
-                 for ns, ifname in ((self.client.ns, a.client_if), (self.proxy.ns, a.proxy_if))]
-        if index is None:
+                 for ns, ifname in ((self.client.ns, a.client_if),
+                                    (self.plan.ns(a.gateway), a.proxy_if))]
+        if index is None and self.plan.links:
+            links += [end for link in self.plan.links
+                      for end in ((self.plan.ns(link.a_role), link.a_if),
+                                  (self.plan.ns(link.b_role), link.b_if))]
+        elif index is None:
             links += [(self.proxy.ns, self.plan.proxy_server_if),
                       (self.server.ns, self.plan.server_if)]
         return links
@@ -570,7 +772,7 @@ class Lab:
         except IndexError:
             raise LabError(f"lab {self.name} has no path {index}") from None
         state = "up" if up else "down"
-        netns.ip_batch([f"link set {a.proxy_if} {state}"], self.proxy.ns)
+        netns.ip_batch([f"link set {a.proxy_if} {state}"], self.plan.ns(a.gateway))
         client_lines = [f"link set {a.client_if} {state}"]
         if up:
             client_lines += render_client_path_routes(self.plan, index, verb="replace")
@@ -580,14 +782,15 @@ class Lab:
 
     def facts(self) -> dict[str, Any]:
         """The lab as plain data (what ``lab up`` prints)."""
-        return {"name": self.name, "namespaces": dict(zip(ROLES, self.plan.namespaces)),
+        return {"name": self.name,
+                "namespaces": dict(zip(self.plan.roles, self.plan.namespaces)),
                 **self.plan.to_dict()}
 
 
 def remove_lab(name: str) -> None:
     """Delete lab ``name``'s namespaces (killing what runs there) and state file."""
     name = canonical_name(name)
-    netns.delete([name + ROLE_SUFFIX[role] for role in ROLES])
+    netns.delete([name + ROLE_SUFFIX[role] for role in ALL_ROLES])
     state_path(name).unlink(missing_ok=True)
 
 

@@ -1,0 +1,111 @@
+"""`mptcp-proxy transparent [--ports LIST|all] [--announce ADDR[:PORT]] [--bypass-ttl SECONDS]`.
+
+Run on a host that routes the clients' traffic (the on-path proxy). Needs
+root (nftables, policy routing, sysctls, path-manager endpoints); everything
+it changes is put back when it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from mptcp_proxy.cli.common import add_relay_options, relay_config
+from mptcp_proxy.config import UpstreamMode
+from mptcp_proxy.errors import ConfigError
+from mptcp_proxy.modes.transparent import (
+    DEFAULT_ANNOUNCE_PORT,
+    DEFAULT_BYPASS_TTL,
+    DEFAULT_FWMARK,
+    DEFAULT_ROUTE_TABLE,
+    DEFAULT_TPROXY_PORT,
+    PortSet,
+)
+
+log = logging.getLogger("mptcp_proxy.cli")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "transparent", help="implicit MPTCP proxy on the path of the client's first subflow",
+        description="Intercept TCP SYNs carrying MP_CAPABLE that cross this host (nftables "
+                    "TPROXY), terminate their MPTCP connections here and relay them to the "
+                    "real servers; plain TCP passes untouched. With --announce, clients "
+                    "learn this proxy's address and add subflows to it over their other "
+                    "paths. Servers that answer with MPTCP are bypassed for a while.")
+    p.add_argument("--ports", default="all", metavar="LIST|all",
+                   help="destination ports to intercept: all (default) or a list such as "
+                        "80,443,8000-8100")
+    p.add_argument("--announce", action="append", default=[], metavar="ADDR[:PORT]",
+                   help="announce this address of the proxy to clients (ADD_ADDR), with "
+                        f"PORT (default {DEFAULT_ANNOUNCE_PORT}; the kernel listens there "
+                        "for their joins); repeatable. Announce an IPv4 address: an IPv6 "
+                        "one with a port only fits connections without TCP timestamps. "
+                        "Without it, connections use the path they started on")
+    p.add_argument("--bypass-ttl", type=float, default=DEFAULT_BYPASS_TTL, metavar="SECONDS",
+                   help="how long a server seen speaking MPTCP is left end to end "
+                        f"(default {DEFAULT_BYPASS_TTL:.0f})")
+    p.add_argument("--interface", action="append", default=[], metavar="IF",
+                   help="intercept only SYNs arriving on IF (repeatable; default: every "
+                        "interface but lo). Set it when other traffic, such as another "
+                        "proxy's, crosses this host")
+    p.add_argument("--tproxy-port", type=int, default=DEFAULT_TPROXY_PORT, metavar="PORT",
+                   help=f"local port of the interception listener (default {DEFAULT_TPROXY_PORT})")
+    p.add_argument("--upstream", default="auto", metavar="auto|mptcp|tcp",
+                   help="protocol toward servers (default auto: MPTCP first, servers that "
+                        "fall back are remembered and reached with TCP)")
+    p.add_argument("--keep-client-address", action="store_true",
+                   help="connect to servers from the client's address (IP_TRANSPARENT) "
+                        "instead of this host's; replies must route back through this host")
+    p.add_argument("--tcp-only-ttl", type=float, default=600.0, metavar="SECONDS",
+                   help="auto upstream: how long a server that fell back stays TCP-only")
+    p.add_argument("--fwmark", type=_integer, default=DEFAULT_FWMARK,
+                   metavar="MARK", help=f"fwmark of diverted packets (default {DEFAULT_FWMARK:#x})")
+    p.add_argument("--route-table", type=int, default=DEFAULT_ROUTE_TABLE, metavar="N",
+                   help=f"routing table for diverted packets (default {DEFAULT_ROUTE_TABLE})")
+    add_relay_options(p)
+    p.set_defaults(func=run)
+
+
+def _integer(text: str) -> int:
+    """Decimal or 0x-prefixed hex."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def config_from_args(args: argparse.Namespace):
+    from mptcp_proxy.server.transparent import Announce, TransparentConfig
+
+    if getattr(args, "workers", 1) != 1:
+        raise ConfigError("--workers", "transparent mode runs as one process")
+    return TransparentConfig(
+        ports=PortSet.parse(args.ports),
+        announce=tuple(Announce.parse(a) for a in args.announce),
+        bypass_ttl=args.bypass_ttl,
+        tproxy_port=args.tproxy_port,
+        interfaces=tuple(args.interface),
+        upstream=UpstreamMode.parse(args.upstream),
+        keep_client_address=args.keep_client_address,
+        fwmark=args.fwmark,
+        route_table=args.route_table,
+        relay=relay_config(args),
+        drain_timeout=args.drain_timeout,
+        tcp_only_ttl=args.tcp_only_ttl,
+        log_connections=not args.no_conn_log,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from mptcp_proxy.server.transparent import TransparentServer
+
+    config = config_from_args(args)
+    server = TransparentServer(config).start()
+    log.info("transparent: ready (listener :%d, %s relay, max %d connections)",
+             config.tproxy_port, "splice" if config.relay.splice else "copy",
+             server.max_connections)
+    server.serve_forever()
+    log.info("transparent: stopped; %d connections served, %d rejected",
+             server.stats.relayed, server.stats.rejected)
+    return 0

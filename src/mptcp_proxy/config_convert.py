@@ -1,0 +1,128 @@
+"""Configuration of the RFC 8803 converter (``mptcp-proxy convert``).
+
+Kept apart from ``config.py`` so that the converter's options grow without
+touching what every mode shares. Same rules: frozen, validated dataclasses; a
+bad value raises :class:`ConfigError` naming the option.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+from mptcp_proxy.config import Endpoint, RelayConfig, UpstreamMode
+from mptcp_proxy.errors import ConfigError
+from mptcp_proxy.modes.convert import (
+    DEFAULT_COOKIE_WINDOW_S, DEFAULT_NETWORK_RETRY_S, MIN_COOKIE_SECRET_LEN,
+)
+from mptcp_proxy.modes.policy import (
+    DEFAULT_CLIENT_NETWORKS, IPNetwork, parse_networks,
+)
+
+MAX_COOKIE_SECRET_FILE = 4096
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """``mptcp-proxy convert``: an RFC 8803 Transport Converter."""
+
+    listen: Endpoint
+    """Address the MPTCP (TCP Fast Open) listener binds to."""
+    allow_clients: tuple[IPNetwork, ...] = field(
+        default_factory=lambda: parse_networks(DEFAULT_CLIENT_NETWORKS, "--allow"))
+    """Client source networks served; others get Error 32. Default: loopback,
+    RFC 1918, RFC 6598 shared and ULA sources (a managed network, never the
+    whole Internet)."""
+    allow_targets: tuple[IPNetwork, ...] = ()
+    """Special-use target ranges (private, CGN, ULA, ...) that may be connected to."""
+    deny_targets: tuple[IPNetwork, ...] = ()
+    """Target ranges always refused (Error 32)."""
+    cookie_secret: bytes | None = field(default=None, repr=False)
+    """With a secret, every Connect needs a Cookie TLV (missing: Error 3 with a
+    fresh cookie; invalid: Error 32)."""
+    cookie_window: int = DEFAULT_COOKIE_WINDOW_S
+    """Seconds per cookie window; a cookie lasts one to two windows."""
+    tfo_queue: int = 1024
+    """TCP_FASTOPEN queue length on the listener (0: no Fast Open, header after
+    the handshake only)."""
+    tfo_no_cookie: bool = False
+    """Accept SYN data without a TFO cookie (TCP_FASTOPEN_NO_COOKIE on the
+    listener). Clients must ask for it too (TCP_FASTOPEN_NO_COOKIE on their
+    socket); gives 0-RTT on the very first connection but lets spoofed SYNs
+    carry requests."""
+    upstream_tfo: bool = True
+    """Offer the client's first application bytes to the server's SYN (TFO)."""
+    handshake_timeout: float = 10.0
+    """Seconds from accept to a complete Convert message (one deadline)."""
+    error_rate: float = 10.0
+    """Error replies per second per client address (token bucket)."""
+    error_burst: int = 20
+    """Error replies a client may get in a burst; over the rate: close, no reply."""
+    max_pending_per_client: int = 64
+    """Open handshakes per client address; above: Error 64."""
+    network_retry: int = DEFAULT_NETWORK_RETRY_S
+    """Retry delay (s) suggested with Network Failure (65)."""
+    manage_sysctls: bool = True
+    """Set net.ipv4.tcp_fastopen bits on start, restore them on exit."""
+    upstream: UpstreamMode = UpstreamMode.AUTO
+    """Protocol toward the targets."""
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    """Data-plane settings."""
+    backlog: int = 4096
+    """listen(2) backlog."""
+    drain_timeout: float = 10.0
+    """On SIGTERM/SIGINT, wait this long for open connections before closing them."""
+    tcp_only_ttl: float = 600.0
+    """In auto mode, remember a target that fell back to TCP for this many seconds."""
+    log_connections: bool = True
+    """Log one line per connection at close."""
+
+    def __post_init__(self) -> None:
+        if not self.allow_clients:
+            raise ConfigError("--allow", "no client network allowed: nobody could connect")
+        if self.cookie_secret is not None and len(self.cookie_secret) < MIN_COOKIE_SECRET_LEN:
+            raise ConfigError("--cookie-secret",
+                              f"secret must have at least {MIN_COOKIE_SECRET_LEN} bytes")
+        if self.cookie_window < 1:
+            raise ConfigError("--cookie-window", "must be >= 1 second")
+        if not 0 <= self.tfo_queue <= 1 << 20:
+            raise ConfigError("--tfo-queue", "must be between 0 and 1048576")
+        if self.handshake_timeout <= 0:
+            raise ConfigError("--handshake-timeout", "must be > 0")
+        if self.error_rate <= 0:
+            raise ConfigError("--error-rate", "must be > 0")
+        if self.error_burst < 1:
+            raise ConfigError("--error-burst", "must be >= 1")
+        if self.max_pending_per_client < 1:
+            raise ConfigError("--max-pending-per-client", "must be >= 1")
+        if not 0 <= self.network_retry <= 255:
+            raise ConfigError("--network-retry", "must be between 0 and 255 seconds")
+        if self.backlog < 1:
+            raise ConfigError("backlog", "must be >= 1")
+        if self.drain_timeout < 0:
+            raise ConfigError("drain-timeout", "must be >= 0")
+
+
+def load_cookie_secret(path: str, key: str = "--cookie-secret") -> bytes:
+    """The secret in ``path``: its bytes, surrounding whitespace stripped.
+
+    Refuses a missing, empty, huge or too short file, and one that others may
+    read (the secret is what stops clients from minting cookies).
+    """
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(key, f"{path} is not a regular file")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(key, f"{path} is readable by others; chmod 600 it")
+        if st.st_size > MAX_COOKIE_SECRET_FILE:
+            raise ConfigError(key, f"{path} is larger than {MAX_COOKIE_SECRET_FILE} bytes")
+        with open(path, "rb") as f:
+            secret = f.read(MAX_COOKIE_SECRET_FILE).strip()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+    if len(secret) < MIN_COOKIE_SECRET_LEN:
+        raise ConfigError(key, f"{path} holds {len(secret)} bytes; at least "
+                               f"{MIN_COOKIE_SECRET_LEN} are needed")
+    return secret

@@ -1,0 +1,484 @@
+"""RFC 8803 converter handshake, sans-IO: bytes and events in, actions out.
+
+This module contains no networking code. The server (``server/convert.py``)
+reads the client's bytes, passes the time and the outcome of the upstream
+connection in, and carries out the action it gets back. Everything the
+converter decides (authorization, cookies, target policy, which error code, the
+reply bytes) is decided here and unit-tested without a socket.
+
+Design rules:
+- One handshake per accepted connection, a state machine:
+  ``READING`` (the Convert message, from the SYN data or after the handshake)
+  -> ``CONNECTING`` (upstream) -> ``RELAYING``; any refusal -> ``CLOSING``.
+  Every step is a ``state_*``-style method returning one action or ``None``
+  ("need more bytes").
+- One error path (:meth:`ConvertHandshake._refuse`): an Error TLV in the byte
+  stream (RFC 8803 §4.2.8), then a normal close. The server rate-limits the
+  replies with :class:`TokenBucket`; over the rate it closes without one.
+- Idempotent (RFC 8803 §6.2: SYN data may be replayed): the action is a pure
+  function of (settings, client address, time window, bytes). No state is
+  kept across connections except what the server feeds in (pending counts).
+- The clock is an input: ``wall_now`` (seconds since the epoch) only selects a
+  cookie window.
+
+Decisions on points the RFC leaves open (each tested in
+``tests/unit/test_modes_convert.py``):
+
+* Order of checks: client source network (32) -> decoding (0, 1, 2) -> cookie
+  (3 / 32, only for messages carrying a Connect) -> target (1 for loopback,
+  unspecified, multicast, broadcast in any spelling; 32 for policy refusals,
+  including the proxy's own addresses: a hairpin) -> extended Connect options
+  (33) -> connect upstream.
+* Info alone is answered with Supported TCP Extensions and a close; Info with
+  a Connect gets the Supported TCP Extensions TLV in the reply that also
+  confirms the connection.
+* A base Connect that succeeds is confirmed by a bare header (Total Length 1,
+  see ``wire/convert.py``); an extended Connect by an Extended TCP Header TLV
+  rebuilt from what the kernel negotiated with the server (TCP_INFO options,
+  MPTCP or not); the raw SYN+ACK is not visible to a socket user, so
+  timestamp values are zero and MP_CAPABLE is sent in its 4-byte form
+  without the server's key.
+* Handshake deadline with nothing received: close without a reply (the peer
+  may not speak Convert at all); with a partial message: Malformed, echoing it.
+* Cookies (RFC 8803 §4.2.7): HMAC-SHA256 over the client address and a time
+  window, keyed by the operator's secret, 16 bytes; the current and the
+  previous window are accepted. Stateless, so replays and restarts are fine.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TypeAlias, Union
+
+from mptcp_proxy.errors import ProtocolError
+from mptcp_proxy.modes.policy import (
+    ClientPolicy, IPAddress, TargetDecision, TargetPolicy, TargetVerdict, normalize,
+)
+from mptcp_proxy.wire.convert import (
+    ConnectTlv,
+    ConvertDecoder,
+    ConvertErrorCode,
+    ConvertMessage,
+    ConvertProtocolError,
+    ConvertSender,
+    ErrorTlv,
+    ExtendedTcpHeaderTlv,
+    SupportedTcpExtTlv,
+    TcpOption,
+    TcpOptionKind,
+    error_reply_for,
+)
+
+# --------------------------------------------------------------------------
+# Constants
+# --------------------------------------------------------------------------
+
+COOKIE_LEN = 16
+"""Bytes of HMAC-SHA256 kept as the cookie (a whole number of words)."""
+MIN_COOKIE_SECRET_LEN = 16
+DEFAULT_COOKIE_WINDOW_S = 3600
+"""A cookie is valid for one to two windows."""
+_COOKIE_CONTEXT = b"mptcp-proxy convert cookie v1\x00"
+
+CONNECT_OPTION_KINDS: frozenset[int] = frozenset({
+    TcpOptionKind.MSS, TcpOptionKind.WINDOW_SCALE, TcpOptionKind.SACK_PERMITTED,
+    TcpOptionKind.TIMESTAMPS, TcpOptionKind.MPTCP, TcpOptionKind.FAST_OPEN,
+})
+"""Options an extended Connect may list: the kernel negotiates them toward the
+server by itself (RFC 8803 §4.2.5). Anything else is refused with Error 33."""
+REFUSED_OPTION_KINDS: frozenset[int] = frozenset({TcpOptionKind.TCP_AO})
+"""Never accepted, whatever the configuration (RFC 8803 §4.2.5: TCP-AO)."""
+
+MP_CAPABLE_V1 = 0x01
+"""MP_CAPABLE subtype 0, version 1 (RFC 8684 §3.1): the first byte of its data."""
+MP_CAPABLE_FLAG_A = 0x80   # checksum required
+MP_CAPABLE_FLAG_H = 0x01   # HMAC-SHA256
+TIMESTAMPS_DATA_LEN = 8
+
+DEFAULT_NETWORK_RETRY_S = 5
+"""Retry delay suggested with Network Failure (65)."""
+DEFAULT_RESOURCE_RETRY_S = 0
+"""Retry delay suggested with Resource Exceeded (64); 0 means "at least 30 s"."""
+
+
+# --------------------------------------------------------------------------
+# Cookies (RFC 8803 §4.2.7)
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class CookieAuthority:
+    """Issues and checks stateless cookies bound to a client address and a window."""
+
+    secret: bytes = field(repr=False)
+    window_s: int = DEFAULT_COOKIE_WINDOW_S
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.secret, bytes) or len(self.secret) < MIN_COOKIE_SECRET_LEN:
+            raise ValueError(f"a cookie secret has at least {MIN_COOKIE_SECRET_LEN} bytes")
+        if isinstance(self.window_s, bool) or not isinstance(self.window_s, int) \
+                or self.window_s < 1:
+            raise ValueError("cookie window must be a positive number of seconds")
+
+    def _mac(self, client: IPAddress, window: int) -> bytes:
+        client = normalize(client)
+        msg = (_COOKIE_CONTEXT + window.to_bytes(8, "big", signed=True)
+               + bytes((client.version,)) + client.packed)
+        return hmac.new(self.secret, msg, hashlib.sha256).digest()[:COOKIE_LEN]
+
+    def window(self, wall_now: float) -> int:
+        return int(wall_now // self.window_s)
+
+    def issue(self, client: IPAddress, wall_now: float) -> bytes:
+        return self._mac(client, self.window(wall_now))
+
+    def valid(self, client: IPAddress, cookie: bytes, wall_now: float) -> bool:
+        if len(cookie) != COOKIE_LEN:
+            return False
+        current = self.window(wall_now)
+        return any(hmac.compare_digest(cookie, self._mac(client, w))
+                   for w in (current, current - 1))
+
+
+# --------------------------------------------------------------------------
+# Rate limiting of error replies (PROTOCOLS.md: "Rate-limit errors")
+# --------------------------------------------------------------------------
+
+class TokenBucket:
+    """Per-key token buckets with a bounded number of keys (least recently used go)."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 65536) -> None:
+        if rate <= 0 or burst < 1 or max_keys < 1:
+            raise ValueError("rate > 0, burst >= 1 and max_keys >= 1 are required")
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[object, tuple[float, float]] = OrderedDict()
+
+    def allow(self, key: object, now: float) -> bool:
+        """Take one token for ``key`` at monotonic time ``now``; False when empty."""
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        self._buckets[key] = (tokens, now)
+        self._buckets.move_to_end(key)
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return allowed
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+# --------------------------------------------------------------------------
+# What the server tells the handshake
+# --------------------------------------------------------------------------
+
+class UpstreamFailureKind(enum.Enum):
+    REFUSED = "refused"          # RST from the server          -> 96
+    UNREACHABLE = "unreachable"  # ICMP hard error               -> 97
+    TIMEOUT = "timeout"          # no answer within the timeout  -> 65
+    NETWORK = "network"          # any other network failure     -> 65
+    RESOURCES = "resources"      # out of fds/memory here        -> 64
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailure:
+    kind: UpstreamFailureKind
+    icmp_code: int | None = None
+    """ICMP code of the hard error, when known (Destination Unreachable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    """What the kernel negotiated with the server (TCP_INFO, TCP_IS_MPTCP)."""
+
+    mptcp: bool = False
+    sack: bool = False
+    timestamps: bool = False
+    window_scale: int | None = None
+    """The server's window scale shift (tcpi_snd_wscale), None if not negotiated."""
+    mptcp_checksum: bool = False
+
+    def syn_ack_options(self) -> tuple[TcpOption, ...]:
+        """The SYN+ACK options these facts imply, in Linux's order (RFC 8803 §4.2.6)."""
+        options: list[TcpOption] = []
+        if self.sack:
+            options.append(TcpOption(TcpOptionKind.SACK_PERMITTED))
+        if self.timestamps:
+            options.append(TcpOption(TcpOptionKind.TIMESTAMPS, bytes(TIMESTAMPS_DATA_LEN)))
+        if self.window_scale is not None:
+            options.append(TcpOption(TcpOptionKind.WINDOW_SCALE, bytes((self.window_scale,))))
+        if self.mptcp:
+            flags = MP_CAPABLE_FLAG_H | (MP_CAPABLE_FLAG_A if self.mptcp_checksum else 0)
+            options.append(TcpOption(TcpOptionKind.MPTCP, bytes((MP_CAPABLE_V1, flags))))
+        return tuple(options)
+
+
+# --------------------------------------------------------------------------
+# Actions (what the server must do next)
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class OpenUpstream:
+    """Connect to the target; ``early_data`` (the bytes after the TLVs) may ride the SYN."""
+
+    address: IPAddress
+    port: int
+    early_data: bytes
+    requested_options: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StartRelay:
+    """Send ``reply`` to the client first, then relay both ways."""
+
+    reply: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyAndClose:
+    """Write ``reply`` (unless rate-limited, for errors), then close with a FIN."""
+
+    reply: bytes
+    reason: str
+    """Stable close reason for the log line (``info``, ``malformed``, ``target-denied`` ...)."""
+    code: ConvertErrorCode | None = None
+    """The Error code sent, None for an answer that is not an error."""
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CloseQuietly:
+    """Close with a FIN and say nothing (the peer never spoke)."""
+
+    reason: str
+    detail: str = ""
+
+
+Action: TypeAlias = Union[OpenUpstream, StartRelay, ReplyAndClose, CloseQuietly]
+
+
+class HandshakeState(enum.Enum):
+    READING = "reading"
+    CONNECTING = "connecting"
+    RELAYING = "relaying"
+    CLOSING = "closing"
+
+
+# --------------------------------------------------------------------------
+# Settings and the handshake
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ConvertSettings:
+    """Everything the handshake decides with; the server builds it once (and on refresh)."""
+
+    targets: TargetPolicy = field(default_factory=TargetPolicy)
+    clients: ClientPolicy = field(default_factory=ClientPolicy)
+    cookies: CookieAuthority | None = None
+    """Require a Cookie TLV with every Connect (None: no cookies)."""
+    supported_kinds: tuple[int, ...] = (TcpOptionKind.MPTCP,)
+    """Listed in Supported TCP Extensions, answering Info (RFC 8803 §4.2.4)."""
+    connect_option_kinds: frozenset[int] = CONNECT_OPTION_KINDS
+    max_pending_per_client: int = 64
+    """Handshakes one client address may have open at once; above: Error 64."""
+    network_retry_s: int = DEFAULT_NETWORK_RETRY_S
+    resource_retry_s: int = DEFAULT_RESOURCE_RETRY_S
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "supported_kinds", tuple(self.supported_kinds))
+        object.__setattr__(self, "connect_option_kinds",
+                           frozenset(self.connect_option_kinds) - REFUSED_OPTION_KINDS)
+        SupportedTcpExtTlv(self.supported_kinds)  # validates the kinds
+        if self.max_pending_per_client < 1:
+            raise ValueError("max_pending_per_client must be >= 1")
+
+
+_DECODING_REASONS = {
+    ConvertErrorCode.UNSUPPORTED_VERSION: "unsupported-version",
+    ConvertErrorCode.MALFORMED_MESSAGE: "malformed",
+    ConvertErrorCode.UNSUPPORTED_MESSAGE: "unsupported-message",
+}
+
+
+class ConvertHandshake:
+    """The converter's side of one RFC 8803 connection."""
+
+    def __init__(self, settings: ConvertSettings, client: IPAddress, wall_now: float) -> None:
+        self.settings = settings
+        self.client = normalize(client)
+        self.wall_now = wall_now
+        self.state = HandshakeState.READING
+        self.decoder = ConvertDecoder(ConvertSender.CLIENT)
+        self.message: ConvertMessage | None = None
+        self.target: TargetDecision | None = None
+        self.outcome = ""
+        """``connect``, ``info``, ``connect+info``, ``error:CODE`` ... for the log line."""
+
+    # -- properties ---------------------------------------------------------
+    @property
+    def connect(self) -> ConnectTlv | None:
+        return self.message.connect if self.message is not None else None
+
+    @property
+    def early_data(self) -> bytes:
+        """Application bytes that followed the client's TLVs."""
+        return self.decoder.leftover
+
+    @property
+    def received(self) -> int:
+        """Bytes of the Convert message buffered so far."""
+        return len(self.decoder.received)
+
+    # -- events -------------------------------------------------------------
+    def start(self, pending_from_client: int = 0) -> Action | None:
+        """The connection was accepted; ``pending_from_client`` other handshakes of
+        the same address are open. An action means: do not read, answer now."""
+        self._expect(HandshakeState.READING)
+        if not self.settings.clients.allows(self.client):
+            return self._refuse(ErrorTlv.not_authorized(), "client-not-allowed",
+                                f"client {self.client} not in the allowed networks")
+        if pending_from_client >= self.settings.max_pending_per_client:
+            return self._refuse(ErrorTlv.resource_exceeded(self.settings.resource_retry_s),
+                                "client-over-limit",
+                                f"{pending_from_client} handshakes already open from "
+                                f"{self.client}")
+        return None
+
+    def receive(self, data: bytes) -> Action | None:
+        """Bytes from the client; None while the Convert message is incomplete."""
+        self._expect(HandshakeState.READING)
+        try:
+            message = self.decoder.feed(data)
+        except ConvertProtocolError as error:
+            return self._refuse_decoding(error)
+        if message is None:
+            return None
+        self.message = message
+        return self._decide(message)
+
+    def receive_eof(self) -> Action:
+        """The client closed its side before the message was complete."""
+        self._expect(HandshakeState.READING)
+        if not self.decoder.received:
+            return self._close_quietly("client-eof", "client closed before sending anything")
+        try:
+            self.decoder.feed_eof()
+        except ConvertProtocolError as error:
+            return self._refuse_decoding(error)
+        return self._close_quietly("client-eof", "EOF")  # not reached: READING means unfinished
+
+    def expire(self) -> Action:
+        """The handshake deadline passed while reading (one deadline, not per read)."""
+        self._expect(HandshakeState.READING)
+        if not self.decoder.received:
+            return self._close_quietly("handshake-timeout", "nothing received")
+        error = ConvertProtocolError(
+            f"handshake deadline passed after {self.received} bytes of an unfinished message")
+        return self._refuse(error_reply_for(error, self.decoder.received).tlvs[0],
+                            "handshake-timeout", str(error))
+
+    def upstream_connected(self, negotiated: Negotiated) -> Action:
+        self._expect(HandshakeState.CONNECTING)
+        assert self.message is not None and self.message.connect is not None  # CONNECTING
+        tlvs = []
+        if self.message.info is not None:
+            tlvs.append(SupportedTcpExtTlv(self.settings.supported_kinds))
+        if self.message.connect.extended:
+            tlvs.append(ExtendedTcpHeaderTlv(negotiated.syn_ack_options()))
+        self.state = HandshakeState.RELAYING
+        return StartRelay(ConvertMessage(tuple(tlvs)).encode())
+
+    def upstream_failed(self, failure: UpstreamFailure) -> Action:
+        self._expect(HandshakeState.CONNECTING)
+        kind = failure.kind
+        if kind is UpstreamFailureKind.REFUSED:
+            tlv = ErrorTlv.connection_reset()
+        elif kind is UpstreamFailureKind.UNREACHABLE and failure.icmp_code is not None:
+            tlv = ErrorTlv.destination_unreachable(failure.icmp_code)
+        elif kind is UpstreamFailureKind.RESOURCES:
+            tlv = ErrorTlv.resource_exceeded(self.settings.resource_retry_s)
+        else:
+            tlv = ErrorTlv.network_failure(self.settings.network_retry_s)
+        return self._refuse(tlv, f"upstream-{kind.value}", f"upstream {kind.value}")
+
+    # -- decisions ------------------------------------------------------------
+    def _decide(self, message: ConvertMessage) -> Action:
+        connect = message.connect
+        if connect is None:
+            # Info alone (the codec guarantees Info or Connect): capabilities, then close.
+            self.state = HandshakeState.CLOSING
+            self.outcome = "info"
+            reply = ConvertMessage((SupportedTcpExtTlv(self.settings.supported_kinds),))
+            return ReplyAndClose(reply.encode(), "info")
+        cookies = self.settings.cookies
+        if cookies is not None:
+            cookie = message.cookie
+            if cookie is None:
+                return self._refuse(
+                    ErrorTlv.missing_cookie(cookies.issue(self.client, self.wall_now)),
+                    "missing-cookie", "no Cookie TLV")
+            if not cookies.valid(self.client, cookie.cookie, self.wall_now):
+                return self._refuse(ErrorTlv.not_authorized(), "bad-cookie", "invalid cookie")
+        decision = self.settings.targets.check(connect.address)
+        self.target = decision
+        if decision.verdict is TargetVerdict.FORBIDDEN:
+            # RFC 8803 §4.2.5: loopback, multicast, broadcast targets are Malformed.
+            error = ConvertProtocolError(
+                f"Connect to {decision.reason.value} address {decision.address}")
+            return self._refuse(error_reply_for(error, self.decoder.received).tlvs[0],
+                                "target-forbidden", str(error))
+        if decision.verdict is TargetVerdict.DENIED:
+            return self._refuse(ErrorTlv.not_authorized(), "target-denied",
+                                f"target {connect.address} refused: {decision.reason.value}")
+        refused = self._refused_options(connect)
+        if refused:
+            return self._refuse(ErrorTlv.unsupported_tcp_option(refused), "unsupported-option",
+                                f"unsupported TCP options {list(refused)}")
+        self.state = HandshakeState.CONNECTING
+        self.outcome = "connect+info" if message.info is not None else "connect"
+        return OpenUpstream(connect.address, connect.port, self.decoder.leftover,
+                            tuple(option.kind for option in connect.options))
+
+    def _refused_options(self, connect: ConnectTlv) -> tuple[int, ...]:
+        accepted = self.settings.connect_option_kinds
+        refused: list[int] = []
+        for option in connect.options:
+            if option.kind not in accepted and option.kind not in refused:
+                refused.append(option.kind)
+        return tuple(refused)
+
+    # -- the one error path -------------------------------------------------
+    def _refuse_decoding(self, error: ProtocolError) -> Action:
+        reason = _DECODING_REASONS.get(error.code, "malformed")
+        return self._refuse(self.decoder.error_reply(error).tlvs[0], reason, str(error))
+
+    def _refuse(self, tlv: ErrorTlv, reason: str, detail: str) -> ReplyAndClose:
+        self.state = HandshakeState.CLOSING
+        code = ConvertErrorCode(tlv.code)
+        self.outcome = f"error:{int(code)}"
+        return ReplyAndClose(ConvertMessage((tlv,)).encode(), reason, code, detail)
+
+    def _close_quietly(self, reason: str, detail: str) -> CloseQuietly:
+        self.state = HandshakeState.CLOSING
+        self.outcome = "none"
+        return CloseQuietly(reason, detail)
+
+    def _expect(self, state: HandshakeState) -> None:
+        if self.state is not state:
+            # Our own sequencing bug, never peer input.
+            raise RuntimeError(f"handshake is {self.state.value}, not {state.value}")
+
+
+__all__ = [
+    "COOKIE_LEN", "CONNECT_OPTION_KINDS", "REFUSED_OPTION_KINDS", "Action", "CloseQuietly",
+    "ConvertHandshake", "ConvertSettings", "CookieAuthority", "HandshakeState", "Negotiated",
+    "OpenUpstream", "ReplyAndClose", "StartRelay", "TokenBucket", "UpstreamFailure",
+    "UpstreamFailureKind",
+]

@@ -1,0 +1,281 @@
+"""Who may use a proxy and where it may connect: pure address policy.
+
+Addresses in, decisions out: no sockets, no DNS, no clock. The server feeds the
+proxy's own addresses in (they change at run time); everything else is
+configuration.
+
+Design rules:
+- A target is judged in every spelling it can hide behind (PROTOCOLS.md,
+  "Target policy"): the address itself and each IPv4 address embedded in it,
+  IPv4-mapped ``::ffff:a.b.c.d``, IPv4-compatible ``::a.b.c.d``, IPv4-translated
+  ``::ffff:0:a.b.c.d``, 6to4
+  ``2002:AABB:CCDD::/48`` (RFC 3056), NAT64 ``64:ff9b::/96`` (RFC 6052) and
+  ``64:ff9b:1::/48`` (RFC 8215), Teredo ``2001::/32`` (RFC 4380, server and
+  de-obfuscated client). The worst verdict of all the spellings wins.
+- Three verdicts. FORBIDDEN: never a destination (loopback, unspecified,
+  multicast, broadcast); RFC 8803 §4.2.5 answers these with Malformed Message.
+  DENIED: a policy refusal (link-local, the proxy's own addresses, special-use
+  and private ranges not explicitly allowed, ranges the operator denies);
+  answered with Not Authorized. ALLOWED: everything else (global unicast).
+- ``allow_targets`` re-opens special-use ranges (a lab on 10.0.0.0/8, a private
+  data centre). It never re-opens loopback, link-local, multicast, broadcast or
+  the proxy itself, and ``deny_targets`` beats it.
+- Clients are admitted by source network (RFC 8803 §6: a managed network).
+  The default admits only loopback and private/shared/ULA sources, so a
+  converter started without ``--allow`` is never an open relay for the Internet.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from typing import TypeAlias, Union
+
+from mptcp_proxy.errors import ConfigError
+
+IPAddress: TypeAlias = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork: TypeAlias = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+ANY = "any"
+"""Spelling of "every address" in allow lists (0.0.0.0/0 and ::/0)."""
+
+DEFAULT_CLIENT_NETWORKS: tuple[str, ...] = (
+    "127.0.0.0/8", "::1/128",                          # the host itself
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",   # RFC 1918
+    "100.64.0.0/10",                                   # RFC 6598 shared (CGN subscribers)
+    "fc00::/7",                                        # RFC 4193 ULA
+)
+"""Client sources admitted when no ``--allow`` is given: local and managed networks."""
+
+
+class TargetVerdict(enum.IntEnum):
+    """Ordered by severity: the worst verdict of all spellings is the answer."""
+
+    ALLOWED = 0
+    DENIED = 1
+    FORBIDDEN = 2
+
+
+class TargetReason(enum.Enum):
+    """Why a target got its verdict (stable strings: they appear in logs)."""
+
+    GLOBAL = "global"
+    ALLOWED_RANGE = "allowed-range"
+    UNSPECIFIED = "unspecified"
+    LOOPBACK = "loopback"
+    MULTICAST = "multicast"
+    BROADCAST = "broadcast"
+    LINK_LOCAL = "link-local"
+    OWN_ADDRESS = "own-address"
+    DENIED_RANGE = "denied-range"
+    SPECIAL_USE = "special-use"
+
+
+_VERDICT_OF_REASON = {
+    TargetReason.GLOBAL: TargetVerdict.ALLOWED,
+    TargetReason.ALLOWED_RANGE: TargetVerdict.ALLOWED,
+    TargetReason.UNSPECIFIED: TargetVerdict.FORBIDDEN,
+    TargetReason.LOOPBACK: TargetVerdict.FORBIDDEN,
+    TargetReason.MULTICAST: TargetVerdict.FORBIDDEN,
+    TargetReason.BROADCAST: TargetVerdict.FORBIDDEN,
+    TargetReason.LINK_LOCAL: TargetVerdict.DENIED,
+    TargetReason.OWN_ADDRESS: TargetVerdict.DENIED,
+    TargetReason.DENIED_RANGE: TargetVerdict.DENIED,
+    TargetReason.SPECIAL_USE: TargetVerdict.DENIED,
+}
+
+
+def _nets(*texts: str) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(t) for t in texts)
+
+
+# Never destinations, whatever the configuration.
+_UNSPECIFIED = _nets("0.0.0.0/8", "::/128")          # RFC 1122 §3.2.1.3 "this network"
+_LOOPBACK = _nets("127.0.0.0/8", "::1/128")
+_MULTICAST = _nets("224.0.0.0/4", "ff00::/8")
+_BROADCAST = _nets("255.255.255.255/32")
+_LINK_LOCAL = _nets("169.254.0.0/16", "fe80::/10")
+
+# Special-use ranges (IANA special-purpose registries, RFC 6890 and updates):
+# not globally reachable, or not a real destination. Denied unless allowed.
+_SPECIAL_USE = _nets(
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",   # RFC 1918
+    "100.64.0.0/10",                                   # RFC 6598 shared address space
+    "192.0.0.0/24",                                    # RFC 6890 IETF protocol assignments
+    "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24",  # RFC 5737 documentation
+    "192.88.99.0/24",                                  # RFC 7526 deprecated 6to4 relays
+    "198.18.0.0/15",                                   # RFC 2544 benchmarking
+    "240.0.0.0/4",                                     # RFC 1112 reserved
+    "::/96",                                           # RFC 4291 IPv4-compatible (deprecated)
+    "::ffff:0:0:0/96",                                 # RFC 2765 IPv4-translated
+    "64:ff9b:1::/48",                                  # RFC 8215 local-use NAT64
+    "100::/64",                                        # RFC 6666 discard-only
+    "2001::/23",                                       # RFC 2928 IETF protocol assignments (Teredo...)
+    "2001:db8::/32", "3fff::/20",                      # RFC 3849, RFC 9637 documentation
+    "5f00::/16",                                       # RFC 9602 SRv6 SIDs
+    "fc00::/7",                                        # RFC 4193 unique local
+    "fec0::/10",                                       # RFC 3879 deprecated site-local
+)
+
+# Prefixes whose last 32 bits are an IPv4 address: NAT64 (RFC 6052, RFC 8215)
+# and SIIT "IPv4-translated" addresses (RFC 2765).
+_EMBEDDING_LOW32 = _nets("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+_LOW32 = 0xFFFFFFFF
+
+
+def parse_address(text: str) -> IPAddress:
+    """An address as text (``::ffff:a.b.c.d`` stays IPv6 here; :func:`normalize` maps it)."""
+    return ipaddress.ip_address(text.split("%", 1)[0])
+
+
+def normalize(address: IPAddress) -> IPAddress:
+    """IPv4-mapped IPv6 (what a dual-stack socket reports for IPv4 peers) as IPv4."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def spellings(address: IPAddress) -> tuple[IPAddress, ...]:
+    """``address`` (normalized) and every IPv4 address embedded in it."""
+    address = normalize(address)
+    found: list[IPAddress] = [address]
+    if isinstance(address, ipaddress.IPv4Address):
+        return tuple(found)
+    as_int = int(address)
+    if address in _IPV4_COMPATIBLE and as_int > 1:     # not :: or ::1 themselves
+        found.append(ipaddress.IPv4Address(as_int & _LOW32))
+    sixtofour = address.sixtofour
+    if sixtofour is not None:
+        found.append(sixtofour)
+    teredo = address.teredo
+    if teredo is not None:
+        found.extend(teredo)
+    if any(address in prefix for prefix in _EMBEDDING_LOW32):
+        found.append(ipaddress.IPv4Address(as_int & _LOW32))
+    return tuple(found)
+
+
+def _in_any(address: IPAddress, networks: Iterable[IPNetwork]) -> bool:
+    return any(address.version == net.version and address in net for net in networks)
+
+
+def parse_networks(texts: Iterable[str], key: str) -> tuple[IPNetwork, ...]:
+    """CIDRs (or bare addresses, or ``any``) from the command line or a config file."""
+    networks: list[IPNetwork] = []
+    for text in texts:
+        text = text.strip()
+        if text.lower() == ANY:
+            networks += _nets("0.0.0.0/0", "::/0")
+            continue
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ConfigError(key, f"not a network (CIDR) or address: {text!r}") from None
+        if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped:
+            # ::ffff:10.0.0.0/104 means 10.0.0.0/8: addresses are compared normalized.
+            mapped = net.network_address.ipv4_mapped
+            net = ipaddress.ip_network(f"{mapped}/{max(0, net.prefixlen - 96)}", strict=False)
+        networks.append(net)
+    return tuple(networks)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetDecision:
+    """The verdict on one target and the spelling that earned it."""
+
+    verdict: TargetVerdict
+    reason: TargetReason
+    address: IPAddress
+    """The address (or embedded IPv4 address) the verdict is about."""
+
+    @property
+    def allowed(self) -> bool:
+        return self.verdict is TargetVerdict.ALLOWED
+
+
+@dataclass(frozen=True, slots=True)
+class TargetPolicy:
+    """Where connections may go (PROTOCOLS.md, "Target policy")."""
+
+    allow_targets: tuple[IPNetwork, ...] = ()
+    """Special-use ranges (private, CGN, ULA, benchmarking ...) that are allowed."""
+    deny_targets: tuple[IPNetwork, ...] = ()
+    """Ranges always refused, global ones included."""
+    own_addresses: frozenset[IPAddress] = frozenset()
+    """The proxy's own addresses: a connection there would loop back into it."""
+    broadcast_addresses: frozenset[IPAddress] = frozenset()
+    """Directed broadcast addresses of the proxy's subnets."""
+
+    def __post_init__(self) -> None:
+        for name in ("allow_targets", "deny_targets"):
+            nets = tuple(getattr(self, name))
+            for net in nets:
+                if not isinstance(net, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+                    raise TypeError(f"{name} holds networks, not {type(net).__name__}")
+            object.__setattr__(self, name, nets)
+        for name in ("own_addresses", "broadcast_addresses"):
+            object.__setattr__(self, name, frozenset(normalize(a) for a in getattr(self, name)))
+
+    def with_local(self, own: Collection[IPAddress],
+                   broadcast: Collection[IPAddress] = ()) -> "TargetPolicy":
+        """The same policy with a fresh view of the proxy's own addresses."""
+        return TargetPolicy(self.allow_targets, self.deny_targets, frozenset(own),
+                            frozenset(broadcast))
+
+    def check(self, address: IPAddress) -> TargetDecision:
+        """The worst verdict over every spelling of ``address``."""
+        first, *embedded = spellings(address)
+        worst = self._decide(first)
+        for spelling in embedded:
+            decision = self._decide(spelling)
+            if decision.verdict > worst.verdict:
+                worst = decision
+        return worst
+
+    def _decide(self, address: IPAddress) -> TargetDecision:
+        reason = self._reason(address)
+        return TargetDecision(_VERDICT_OF_REASON[reason], reason, address)
+
+    def _reason(self, address: IPAddress) -> TargetReason:
+        if _in_any(address, _UNSPECIFIED):
+            return TargetReason.UNSPECIFIED
+        if _in_any(address, _LOOPBACK):
+            return TargetReason.LOOPBACK
+        if _in_any(address, _MULTICAST):
+            return TargetReason.MULTICAST
+        if _in_any(address, _BROADCAST) or address in self.broadcast_addresses:
+            return TargetReason.BROADCAST
+        if _in_any(address, _LINK_LOCAL):
+            return TargetReason.LINK_LOCAL
+        if address in self.own_addresses:
+            return TargetReason.OWN_ADDRESS
+        if _in_any(address, self.deny_targets):
+            return TargetReason.DENIED_RANGE
+        if _in_any(address, _SPECIAL_USE):
+            if _in_any(address, self.allow_targets):
+                return TargetReason.ALLOWED_RANGE
+            return TargetReason.SPECIAL_USE
+        return TargetReason.GLOBAL
+
+
+@dataclass(frozen=True, slots=True)
+class ClientPolicy:
+    """Which client sources may use the proxy (RFC 8803 §6: managed networks)."""
+
+    allow: tuple[IPNetwork, ...] = _nets(*DEFAULT_CLIENT_NETWORKS)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allow", tuple(self.allow))
+
+    def allows(self, address: IPAddress) -> bool:
+        return _in_any(normalize(address), self.allow)
+
+
+__all__ = [
+    "ANY", "DEFAULT_CLIENT_NETWORKS", "ClientPolicy", "IPAddress", "IPNetwork",
+    "TargetDecision", "TargetPolicy", "TargetReason", "TargetVerdict", "normalize",
+    "parse_address", "parse_networks", "spellings",
+]

@@ -1,0 +1,593 @@
+"""``convert`` mode: an RFC 8803 Transport Converter on an MPTCP + TCP Fast Open listener.
+
+The handshake logic lives in ``modes/convert.py`` (pure); this module owns the
+sockets: it reads the Convert message (from the SYN data, or after the
+handshake when the client had no TFO cookie or syncookies were on), carries out
+the handshake's actions, connects upstream with the shared :class:`Connector`
+(MPTCP first, the bytes after the TLVs offered to the server's SYN), and hands
+the pair to the relay with the reply queued in front of the server's bytes.
+
+Design rules:
+- One deadline per handshake, from accept to a complete message (not per read).
+- Errors travel in the stream, then ``shutdown(SHUT_WR)``; the client's
+  remaining bytes are read and dropped until its FIN (or ``CLOSE_LINGER``), so
+  the kernel sends a FIN, not the RST that closing a socket with unread data
+  causes. Error replies are rate-limited per client; over the rate the
+  connection is closed without one.
+- Kernel changes (net.ipv4.tcp_fastopen bits) are recorded and restored when
+  the loop ends, in the namespace that made them.
+- Each connection's log line carries ``tfo=yes|no`` (SYN data was accepted on
+  the client side: TCPI_OPT_SYN_DATA on the accepted socket, measured on 6.18 to
+  show on MPTCP sockets too), ``convert=`` (connect, info, connect+info,
+  error:CODE, none) and, once connected, ``upstream_tfo=yes|no``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import ipaddress
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mptcp_proxy.config_convert import ConvertConfig
+from mptcp_proxy.dataplane.connect import (
+    REFUSED, RESOURCES, TIMEOUT, UNREACHABLE, ConnectResult, Connector, PendingConnect,
+)
+from mptcp_proxy.dataplane.reactor import EPOLLIN, EPOLLOUT, Reactor, Timer
+from mptcp_proxy.errors import KernelError, UpstreamError
+from mptcp_proxy.kernel.sysctl import SysctlChanges, read_sysctl
+from mptcp_proxy.modes.convert import (
+    Action, CloseQuietly, ConvertHandshake, ConvertSettings, CookieAuthority, Negotiated,
+    OpenUpstream, ReplyAndClose, StartRelay, TokenBucket, UpstreamFailure, UpstreamFailureKind,
+)
+from mptcp_proxy.modes.policy import ClientPolicy, IPAddress, TargetPolicy, normalize, parse_address
+from mptcp_proxy.observe.sockinfo import IPPROTO_MPTCP, SockInfoError, mptcp_info, tcp_info
+from mptcp_proxy.server.base import ProxyServer, Session, format_addr, open_listener
+from mptcp_proxy.wire.convert import TcpOptionKind
+
+log = logging.getLogger("mptcp_proxy.convert")
+
+TCP_FASTOPEN = 23
+TCP_FASTOPEN_NO_COOKIE = 34
+TFO_SYSCTL = "net.ipv4.tcp_fastopen"
+TFO_CLIENT_ENABLE = 0x1
+TFO_SERVER_ENABLE = 0x2
+TFO_SERVER_COOKIE_NOT_REQD = 0x200
+
+READ_SIZE = 4096              # one read holds a whole Convert message (<= 1020 bytes)
+CLOSE_LINGER = 2.0            # seconds to wait for the client's FIN after a reply
+DRAIN_READS = 16              # reads per event while draining a refused client
+ADDRESS_REFRESH = 30.0        # seconds between re-reads of the proxy's own addresses
+THREAD_PROC_NET = Path("/proc/thread-self/net")  # this thread's namespace, not the process's
+
+# errno of a failed connect -> ICMP code of Destination Unreachable (RFC 792),
+# for Error 97 (RFC 8803 §4.2.8). Linux folds several ICMP codes into one errno.
+_ICMP_CODE_BY_ERRNO = {
+    errno.ENETUNREACH: 0,     # net unreachable (or no route here)
+    errno.EHOSTUNREACH: 1,    # host unreachable (also admin-prohibited 9, 10, 13)
+}
+
+_READING, _CONNECTING, _CLOSING, _DONE = "reading", "connecting", "closing", "done"
+
+
+@dataclass
+class ConvertStats:
+    """Converter counters (besides the base ServerStats)."""
+
+    syn_data: int = 0
+    """Connections whose SYN carried data (the Convert header, 0-RTT)."""
+    no_syn_data: int = 0
+    """Connections whose bytes came after the handshake."""
+    errors: dict[int, int] = field(default_factory=dict)
+    """Error replies decided, by Convert error code."""
+    rate_limited: int = 0
+    """Error replies not sent because the client was over its rate."""
+    early_in_syn: int = 0
+    """Upstream connections whose SYN carried the client's first bytes (TFO)."""
+
+
+class _Pending:
+    """One client connection between accept and relay (or close)."""
+
+    __slots__ = ("sock", "fd", "session", "handshake", "client", "started", "state",
+                 "deadline", "connect", "result", "out", "shut", "linger", "reason",
+                 "registered")
+
+    def __init__(self, sock: socket.socket, session: Session, handshake: ConvertHandshake,
+                 client: IPAddress, started: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.session = session
+        self.handshake = handshake
+        self.client = client
+        self.started = started
+        self.state = _READING
+        self.deadline: Timer | None = None
+        self.connect: PendingConnect | None = None
+        self.result: ConnectResult | None = None
+        self.out = b""
+        self.shut = False
+        self.linger: Timer | None = None
+        self.reason = ""
+        self.registered = False
+
+
+class ConvertServer(ProxyServer):
+    """The Transport Converter: accept, decode, check, connect, reply, relay."""
+
+    mode_name = "convert"
+
+    def __init__(self, config: ConvertConfig, reactor: Reactor | None = None) -> None:
+        super().__init__(config.relay, drain_timeout=config.drain_timeout,
+                         log_connections=config.log_connections, reactor=reactor)
+        self.config = config
+        self.connector = Connector(self.reactor, config.upstream,
+                                   timeout=config.relay.connect_timeout,
+                                   tcp_only_ttl=config.tcp_only_ttl)
+        self.error_limiter = TokenBucket(config.error_rate, config.error_burst)
+        self.convert_stats = ConvertStats()
+        self.sysctls = SysctlChanges()
+        self.settings = ConvertSettings()
+        self.tfo_enabled = False
+        self.pending: dict[int, _Pending] = {}
+        self.pending_by_client: dict[IPAddress, int] = {}
+        self._refresh_timer: Timer | None = None
+        self._listen_mptcp = False
+
+    # -- lifecycle ------------------------------------------------------------
+    def start(self, reuseport: bool = False) -> "ConvertServer":
+        """Set the sysctls, open the TFO listener, build the policy (in this thread's netns)."""
+        try:
+            if self.config.manage_sysctls:
+                apply_tfo_sysctls(self.sysctls, self.config)
+            listener = open_listener(self.config.listen, backlog=self.config.backlog,
+                                     reuseport=reuseport)
+            try:
+                self._enable_fastopen(listener)
+            except BaseException:
+                listener.close()
+                raise
+            self._listen_mptcp = listener.proto == IPPROTO_MPTCP
+            self.add_listener(listener)
+            self.settings = self._build_settings()
+        except BaseException:
+            self.restore_kernel()
+            raise
+        self._refresh_timer = self.reactor.call_later(ADDRESS_REFRESH, self._refresh_addresses)
+        return self
+
+    def serve_forever(self, install_signals: bool = True) -> None:
+        try:
+            super().serve_forever(install_signals)
+        finally:
+            self.restore_kernel()
+
+    def restore_kernel(self) -> None:
+        try:
+            self.sysctls.restore()
+        except KernelError as exc:
+            log.error("could not restore sysctls: %s", exc)
+
+    def _enable_fastopen(self, listener: socket.socket) -> None:
+        if not self.config.tfo_queue:
+            return
+        try:
+            listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, self.config.tfo_queue)
+        except OSError as exc:
+            log.warning("TCP Fast Open unavailable on the listener (%s): the Convert "
+                        "header will arrive after the handshake", exc.strerror)
+            return
+        self.tfo_enabled = True
+        if not self.config.tfo_no_cookie:
+            return
+        try:
+            # Scoped to this listener; the sysctl bit would open every listener
+            # of the namespace to cookie-less SYN data.
+            listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+        except OSError as exc:
+            if not self.config.manage_sysctls:
+                log.warning("TCP_FASTOPEN_NO_COOKIE refused (%s); clients need a TFO "
+                            "cookie first", exc.strerror)
+                return
+            log.info("TCP_FASTOPEN_NO_COOKIE refused (%s); setting %s bit 0x200",
+                     exc.strerror, TFO_SYSCTL)
+            self.sysctls.set_bits(TFO_SYSCTL, TFO_SERVER_COOKIE_NOT_REQD)
+
+    def _build_settings(self) -> ConvertSettings:
+        config = self.config
+        cookies = None
+        if config.cookie_secret is not None:
+            cookies = CookieAuthority(config.cookie_secret, config.cookie_window)
+        return ConvertSettings(
+            targets=self._target_policy(),
+            clients=ClientPolicy(config.allow_clients),
+            cookies=cookies,
+            supported_kinds=supported_kinds(mptcp=self._listen_mptcp,
+                                            tfo=config.upstream_tfo),
+            max_pending_per_client=config.max_pending_per_client,
+            network_retry_s=config.network_retry,
+        )
+
+    def _target_policy(self) -> TargetPolicy:
+        own, broadcast = local_addresses()
+        for sockname in self.listen_addresses():
+            address = normalize(parse_address(sockname[0]))
+            if not address.is_unspecified:
+                own.add(address)
+        return TargetPolicy(self.config.allow_targets, self.config.deny_targets,
+                            frozenset(own), frozenset(broadcast))
+
+    def _refresh_addresses(self) -> None:
+        """Addresses come and go (DHCP, path changes): re-read them now and then."""
+        self._refresh_timer = None
+        if self._draining:
+            return
+        try:
+            self.settings = dataclasses.replace(self.settings, targets=self._target_policy())
+        except OSError as exc:
+            log.warning("could not re-read local addresses: %s", exc)
+        self._refresh_timer = self.reactor.call_later(ADDRESS_REFRESH, self._refresh_addresses)
+
+    # -- accept and read ------------------------------------------------------------
+    def handle_accept(self, sock: socket.socket, addr: tuple, session: Session) -> None:
+        client = normalize(parse_address(addr[0]))
+        syn_data = _accepted_with_syn_data(sock)
+        if syn_data:
+            self.convert_stats.syn_data += 1
+        else:
+            self.convert_stats.no_syn_data += 1
+        session.extra = {"tfo": "yes" if syn_data else "no", "convert": "-"}
+        handshake = ConvertHandshake(self.settings, client, time.time())
+        p = _Pending(sock, session, handshake, client, self.reactor.now)
+        self.pending[session.id] = p
+        open_from_client = self.pending_by_client.get(client, 0)
+        self.pending_by_client[client] = open_from_client + 1
+        self.reactor.register(p.fd, EPOLLIN, lambda ev, p=p: self._on_client_event(p, ev))
+        p.registered = True
+        action = handshake.start(open_from_client)
+        if action is not None:
+            self._carry_out(p, action)
+            return
+        p.deadline = self.reactor.call_later(self.config.handshake_timeout,
+                                             lambda: self._on_deadline(p))
+        self._read_client(p)  # with TFO the message is already in the receive queue
+
+    def _on_client_event(self, p: _Pending, events: int) -> None:
+        if p.state == _READING:
+            self._read_client(p)
+        elif p.state == _CLOSING:
+            if p.out:
+                self._flush(p)
+            else:
+                self._drain(p)
+
+    def _read_client(self, p: _Pending) -> None:
+        try:
+            data = p.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._abort(p, _client_error_reason(exc))
+            return
+        handshake = p.handshake
+        action = handshake.receive(data) if data else handshake.receive_eof()
+        if action is not None:
+            self._carry_out(p, action)
+
+    def _on_deadline(self, p: _Pending) -> None:
+        p.deadline = None
+        if p.state == _READING:
+            self._carry_out(p, p.handshake.expire())
+
+    # -- actions --------------------------------------------------------------
+    def _carry_out(self, p: _Pending, action: Action) -> None:
+        p.session.extra["convert"] = p.handshake.outcome or "-"  # type: ignore[index]
+        if isinstance(action, OpenUpstream):
+            self._open_upstream(p, action)
+        elif isinstance(action, StartRelay):
+            self._relay(p, action)
+        elif isinstance(action, ReplyAndClose):
+            if action.detail:
+                log.debug("conn=%d %s: %s", p.session.id, action.reason, action.detail)
+            self._reply_and_close(p, action.reply, action)
+        elif isinstance(action, CloseQuietly):
+            self._reply_and_close(p, b"", action)
+        else:  # pragma: no cover - the handshake returns only the types above
+            raise TypeError(f"unknown action {action!r}")
+
+    def _open_upstream(self, p: _Pending, action: OpenUpstream) -> None:
+        self._cancel_deadline(p)
+        self._unregister(p)  # not read again until the relay owns it
+        p.state = _CONNECTING
+        if action.address.version == 6:
+            family, sockaddr = socket.AF_INET6, (str(action.address), action.port, 0, 0)
+        else:
+            family, sockaddr = socket.AF_INET, (str(action.address), action.port)
+        p.session.target = format_addr(sockaddr)
+        early = action.early_data if self.config.upstream_tfo else b""
+        p.connect = self.connector.connect(family, sockaddr,
+                                           lambda result: self._connected(p, result),
+                                           early_data=early)
+
+    def _connected(self, p: _Pending, result: ConnectResult) -> None:
+        p.connect = None
+        if p.state != _CONNECTING:  # pragma: no cover - cancelled attempts never call back
+            if result.sock is not None:
+                result.sock.close()
+            return
+        extra = p.session.extra
+        if result.error is not None:
+            p.session.upstream_requested_mptcp = result.requested_mptcp
+            action = p.handshake.upstream_failed(upstream_failure(result.error))
+            self._carry_out(p, action)
+            return
+        assert result.sock is not None  # success carries a socket
+        negotiated, syn_data = negotiated_options(result.sock, result.mptcp)
+        extra["upstream_tfo"] = "yes" if syn_data else "no"  # type: ignore[index]
+        if syn_data:
+            self.convert_stats.early_in_syn += 1
+        p.result = result
+        self._carry_out(p, p.handshake.upstream_connected(negotiated))
+
+    def _relay(self, p: _Pending, action: StartRelay) -> None:
+        result = p.result
+        assert result is not None  # StartRelay follows a successful connect
+        self._forget(p)
+        p.state = _DONE
+        rest = p.handshake.early_data[result.early_sent:]
+        self.start_relay(p.sock, result, p.session, initial_to_upstream=rest,
+                         initial_to_client=action.reply)
+
+    def _reply_and_close(self, p: _Pending, reply: bytes,
+                         action: ReplyAndClose | CloseQuietly) -> None:
+        self._cancel_deadline(p)
+        p.state = _CLOSING
+        p.reason = action.reason
+        code = getattr(action, "code", None)
+        if code is not None:
+            stats = self.convert_stats.errors
+            stats[int(code)] = stats.get(int(code), 0) + 1
+            if not self.error_limiter.allow(p.client, self.reactor.now):
+                self.convert_stats.rate_limited += 1
+                p.session.extra["reply"] = "rate-limited"  # type: ignore[index]
+                reply = b""
+        if not p.registered:
+            self.reactor.register(p.fd, EPOLLIN, lambda ev, p=p: self._on_client_event(p, ev))
+            p.registered = True
+        p.out = reply
+        p.linger = self.reactor.call_later(CLOSE_LINGER, lambda: self._finish(p))
+        self._flush(p)
+
+    def _flush(self, p: _Pending) -> None:
+        while p.out:
+            try:
+                n = p.sock.send(p.out)
+            except (BlockingIOError, InterruptedError):
+                self.reactor.set_mask(p.fd, EPOLLOUT)  # reading resumes once it is sent
+                return
+            except OSError as exc:
+                p.reason += f" ({_client_error_reason(exc)})"
+                self._finish(p)
+                return
+            p.out = p.out[n:]
+        if not p.shut:
+            p.shut = True
+            try:
+                p.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # already reset: the drain below ends it
+        self.reactor.set_mask(p.fd, EPOLLIN)
+        self._drain(p)
+
+    def _drain(self, p: _Pending) -> None:
+        """Read and drop until the client's FIN: closing with unread data sends a RST."""
+        for _ in range(DRAIN_READS):
+            try:
+                data = p.sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                break
+            if not data:
+                break
+        else:
+            return  # still readable; level-triggered epoll calls again
+        self._finish(p)
+
+    def _finish(self, p: _Pending) -> None:
+        if p.state == _DONE:
+            return
+        p.state = _DONE
+        self._cancel_deadline(p)
+        if p.linger is not None:
+            p.linger.cancel()
+            p.linger = None
+        self._unregister(p)
+        self._forget(p)
+        self.reject(p.sock, p.session, p.reason, abort=False,
+                    duration=self.reactor.now - p.started)
+
+    def _abort(self, p: _Pending, reason: str) -> None:
+        """The client broke the connection: close at once, no reply."""
+        if p.state == _DONE:
+            return
+        p.reason = reason
+        p.session.extra["convert"] = p.handshake.outcome or "-"  # type: ignore[index]
+        p.state = _DONE
+        self._cancel_deadline(p)
+        if p.linger is not None:
+            p.linger.cancel()
+            p.linger = None
+        if p.connect is not None:
+            p.connect.cancel()
+            p.connect = None
+        self._unregister(p)
+        self._forget(p)
+        self.reject(p.sock, p.session, reason, abort=True,
+                    duration=self.reactor.now - p.started)
+
+    def abort_pending(self) -> None:
+        for p in list(self.pending.values()):
+            self._abort(p, "shutdown")
+        if self._refresh_timer is not None:
+            self._refresh_timer.cancel()
+            self._refresh_timer = None
+
+    # -- bookkeeping ----------------------------------------------------------
+    def _cancel_deadline(self, p: _Pending) -> None:
+        if p.deadline is not None:
+            p.deadline.cancel()
+            p.deadline = None
+
+    def _unregister(self, p: _Pending) -> None:
+        if p.registered:
+            self.reactor.unregister(p.fd)
+            p.registered = False
+
+    def _forget(self, p: _Pending) -> None:
+        if self.pending.pop(p.session.id, None) is None:
+            return
+        left = self.pending_by_client.get(p.client, 1) - 1
+        if left > 0:
+            self.pending_by_client[p.client] = left
+        else:
+            self.pending_by_client.pop(p.client, None)
+
+
+# --------------------------------------------------------------------------
+# Kernel facts the handshake needs (read here, passed in as plain values)
+# --------------------------------------------------------------------------
+
+def apply_tfo_sysctls(changes: SysctlChanges, config: ConvertConfig) -> None:
+    """net.ipv4.tcp_fastopen: the server bit for the listener, the client bit for
+    SYN data toward servers (recorded in ``changes`` for restoring)."""
+    bits = 0
+    if config.tfo_queue:
+        bits |= TFO_SERVER_ENABLE
+    if config.upstream_tfo:
+        bits |= TFO_CLIENT_ENABLE
+    if bits:
+        changes.set_bits(TFO_SYSCTL, bits)
+
+
+def _accepted_with_syn_data(sock: socket.socket) -> bool:
+    """TCPI_OPT_SYN_DATA: the client's SYN carried data the kernel accepted."""
+    try:
+        return tcp_info(sock).has_syn_data
+    except (OSError, SockInfoError):
+        return False
+
+
+def negotiated_options(sock: socket.socket, mptcp: bool) -> tuple[Negotiated, bool]:
+    """(what the kernel negotiated with the server, whether its SYN data was acked)."""
+    try:
+        info = tcp_info(sock)
+    except (OSError, SockInfoError):
+        return Negotiated(mptcp=mptcp), False
+    checksum = False
+    if mptcp:
+        try:
+            minfo = mptcp_info(sock)
+        except (OSError, SockInfoError):
+            minfo = None
+        checksum = bool(minfo is not None and minfo.csum_enabled)
+    negotiated = Negotiated(
+        mptcp=mptcp, sack=info.has_sack, timestamps=info.has_timestamps,
+        window_scale=info.snd_wscale if info.has_wscale else None,
+        mptcp_checksum=checksum)
+    return negotiated, info.has_syn_data
+
+
+def upstream_failure(error: UpstreamError) -> UpstreamFailure:
+    """The Connector's error as the handshake's failure kind (and ICMP code)."""
+    if error.reason == REFUSED:
+        return UpstreamFailure(UpstreamFailureKind.REFUSED)
+    if error.reason == UNREACHABLE:
+        icmp = error.icmp_code
+        if icmp is None and error.errno is not None:
+            icmp = _ICMP_CODE_BY_ERRNO.get(error.errno)
+        if icmp is not None:
+            return UpstreamFailure(UpstreamFailureKind.UNREACHABLE, icmp)
+        return UpstreamFailure(UpstreamFailureKind.NETWORK)  # e.g. EADDRNOTAVAIL: local
+    if error.reason == TIMEOUT:
+        return UpstreamFailure(UpstreamFailureKind.TIMEOUT)
+    if error.reason == RESOURCES:
+        return UpstreamFailure(UpstreamFailureKind.RESOURCES)
+    return UpstreamFailure(UpstreamFailureKind.NETWORK)
+
+
+def supported_kinds(*, mptcp: bool, tfo: bool) -> tuple[int, ...]:
+    """TCP extensions this converter can use toward servers (RFC 8803 §4.2.4)."""
+    kinds = []
+    for key, kind in (("net.ipv4.tcp_window_scaling", TcpOptionKind.WINDOW_SCALE),
+                      ("net.ipv4.tcp_sack", TcpOptionKind.SACK_PERMITTED),
+                      ("net.ipv4.tcp_timestamps", TcpOptionKind.TIMESTAMPS)):
+        try:
+            enabled = int(read_sysctl(key)) != 0
+        except (KernelError, ValueError):
+            enabled = False
+        if enabled:
+            kinds.append(int(kind))
+    if mptcp:
+        kinds.append(int(TcpOptionKind.MPTCP))
+    if tfo:
+        kinds.append(int(TcpOptionKind.FAST_OPEN))
+    return tuple(kinds)
+
+
+def parse_fib_trie(text: str) -> tuple[set[IPAddress], set[IPAddress]]:
+    """(local, broadcast) IPv4 addresses from /proc/net/fib_trie."""
+    local: set[IPAddress] = set()
+    broadcast: set[IPAddress] = set()
+    leaf: str | None = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("|--"):
+            leaf = stripped[3:].strip()
+        elif stripped.startswith("/") and leaf is not None:
+            kind = stripped.split()[-1]
+            try:
+                address = ipaddress.IPv4Address(leaf)
+            except ValueError:
+                continue
+            if kind == "LOCAL":
+                local.add(address)
+            elif kind == "BROADCAST":
+                broadcast.add(address)
+    return local, broadcast
+
+
+def parse_if_inet6(text: str) -> set[IPAddress]:
+    """IPv6 addresses from /proc/net/if_inet6 (32 hex digits first on each line)."""
+    found: set[IPAddress] = set()
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and len(fields[0]) == 32:
+            try:
+                found.add(ipaddress.IPv6Address(int(fields[0], 16)))
+            except ValueError:
+                continue
+    return found
+
+
+def local_addresses() -> tuple[set[IPAddress], set[IPAddress]]:
+    """(own addresses, directed broadcast addresses) of this thread's network namespace."""
+    try:
+        local, broadcast = parse_fib_trie((THREAD_PROC_NET / "fib_trie").read_text())
+    except OSError:
+        local, broadcast = set(), set()
+    try:
+        local |= parse_if_inet6((THREAD_PROC_NET / "if_inet6").read_text())
+    except OSError:
+        pass  # IPv6 disabled
+    return local, broadcast
+
+
+def _client_error_reason(exc: OSError) -> str:
+    if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED):
+        return "client-reset"
+    return f"client-error:{errno.errorcode.get(exc.errno or 0, exc.errno)}"

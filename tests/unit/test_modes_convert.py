@@ -1,0 +1,516 @@
+"""The converter handshake (sans-IO): trickle feeds, every error code, cookies, replays.
+
+Replies are checked by decoding them with the codec as the converter's
+messages, and comparing whole dataclasses.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mptcp_proxy.modes.convert import (
+    COOKIE_LEN,
+    CloseQuietly,
+    ConvertHandshake,
+    ConvertSettings,
+    CookieAuthority,
+    HandshakeState,
+    Negotiated,
+    OpenUpstream,
+    ReplyAndClose,
+    StartRelay,
+    TokenBucket,
+    UpstreamFailure,
+    UpstreamFailureKind,
+)
+from mptcp_proxy.modes.policy import ClientPolicy, TargetPolicy, parse_networks
+from mptcp_proxy.wire.convert import (
+    MAGIC,
+    ConnectTlv,
+    ConvertErrorCode,
+    ConvertMessage,
+    ConvertSender,
+    CookieTlv,
+    ErrorTlv,
+    ExtendedTcpHeaderTlv,
+    InfoTlv,
+    SupportedTcpExtTlv,
+    TcpOption,
+    TcpOptionKind,
+    decode_message,
+)
+
+E = ConvertErrorCode
+ip = ipaddress.ip_address
+CLIENT = ip("10.0.0.1")
+TARGET = ip("192.0.2.10")     # documentation range, opened by the test policy
+PORT = 443
+NOW = 1_700_000_000.0
+SECRET = b"0123456789abcdef-test-secret"
+APP = b"GET / HTTP/1.1\r\nHost: example\r\n\r\n"
+HEADER_ONLY = struct.pack("!BBH", 1, 1, MAGIC)
+KINDS = (3, 4, 8, 30, 34)
+
+
+def make_settings(**kw) -> ConvertSettings:
+    kw.setdefault("targets", TargetPolicy(
+        allow_targets=parse_networks(["192.0.2.0/24"], "k")).with_local({ip("192.0.2.1")}))
+    kw.setdefault("supported_kinds", KINDS)
+    return ConvertSettings(**kw)
+
+
+def handshake(settings: ConvertSettings | None = None, client=CLIENT,
+              now: float = NOW) -> ConvertHandshake:
+    hs = ConvertHandshake(settings or make_settings(), client, now)
+    assert hs.start() is None
+    return hs
+
+
+def message(*tlvs) -> bytes:
+    return ConvertMessage(tuple(tlvs)).encode()
+
+
+def connect_bytes(address=TARGET, port=PORT, options=()) -> bytes:
+    return message(ConnectTlv(port, ip(str(address)), tuple(options)))
+
+
+def reply_of(action) -> ConvertMessage:
+    got, used = decode_message(action.reply, ConvertSender.CONVERTER)
+    assert used == len(action.reply)
+    return got
+
+
+def error_of(action) -> ErrorTlv:
+    assert isinstance(action, ReplyAndClose), action
+    err = reply_of(action).error
+    assert err is not None and err.code == action.code
+    return err
+
+
+def trickle(hs: ConvertHandshake, data: bytes):
+    """Feed one byte at a time; every byte before the deciding one must give None."""
+    for i in range(len(data)):
+        action = hs.receive(data[i:i + 1])
+        if action is not None:
+            return action, i + 1
+    return None, len(data)
+
+
+# --------------------------------------------------------------------------
+# Success paths
+# --------------------------------------------------------------------------
+
+def test_base_connect_opens_upstream_with_early_data_then_bare_header():
+    hs = handshake()
+    action = hs.receive(connect_bytes() + APP)
+    assert action == OpenUpstream(TARGET, PORT, APP, ())
+    assert hs.state is HandshakeState.CONNECTING and hs.outcome == "connect"
+    assert hs.early_data == APP
+    relay = hs.upstream_connected(Negotiated(mptcp=True, sack=True))
+    assert relay == StartRelay(HEADER_ONLY)  # base Connect: Total Length 1
+    assert hs.state is HandshakeState.RELAYING
+
+
+def test_trickle_feed_decides_on_the_last_byte_of_the_message():
+    data = connect_bytes()
+    hs = handshake()
+    action, used = trickle(hs, data)
+    assert used == len(data)
+    assert action == OpenUpstream(TARGET, PORT, b"", ())
+
+
+def test_trickle_feed_keeps_app_bytes_of_the_deciding_segment():
+    data = connect_bytes() + APP
+    hs = handshake()
+    # The message split in three segments at odd places; app bytes ride the last one.
+    assert hs.receive(data[:3]) is None
+    assert hs.receive(data[3:13]) is None
+    action = hs.receive(data[13:])
+    assert action.early_data == APP
+
+
+def test_extended_connect_returns_extended_tcp_header_from_negotiated_options():
+    options = (TcpOption(TcpOptionKind.MPTCP, bytes((0x01, 0x01))),
+               TcpOption(TcpOptionKind.SACK_PERMITTED))
+    hs = handshake()
+    action = hs.receive(connect_bytes(options=options))
+    assert action.requested_options == (30, 4)
+    negotiated = Negotiated(mptcp=True, sack=True, timestamps=True, window_scale=7)
+    got = reply_of(hs.upstream_connected(negotiated))
+    assert got == ConvertMessage((ExtendedTcpHeaderTlv((
+        TcpOption(4), TcpOption(8, bytes(8)), TcpOption(3, b"\x07"),
+        TcpOption(30, b"\x01\x01"))),))
+    assert got.extended_tcp_header.mptcp_capable
+
+
+def test_extended_connect_to_tcp_server_shows_no_mp_capable():
+    hs = handshake()
+    hs.receive(connect_bytes(options=(TcpOption(30, b"\x01\x00"),)))
+    got = reply_of(hs.upstream_connected(Negotiated(mptcp=False, sack=True)))
+    assert got.extended_tcp_header == ExtendedTcpHeaderTlv((TcpOption(4),))
+    assert not got.extended_tcp_header.mptcp_capable
+
+
+def test_mp_capable_checksum_flag():
+    options = Negotiated(mptcp=True, mptcp_checksum=True).syn_ack_options()
+    assert options == (TcpOption(30, bytes((0x01, 0x81))),)
+
+
+def test_info_alone_answers_supported_extensions_and_closes():
+    hs = handshake()
+    action = hs.receive(message(InfoTlv()))
+    assert isinstance(action, ReplyAndClose) and action.code is None
+    assert action.reason == "info" and hs.outcome == "info"
+    assert reply_of(action) == ConvertMessage((SupportedTcpExtTlv(KINDS),))
+    assert 30 in reply_of(action).supported_tcp_ext.kinds
+
+
+def test_info_with_connect_confirms_with_both_tlvs():
+    hs = handshake()
+    action = hs.receive(message(InfoTlv(), ConnectTlv(PORT, TARGET, (TcpOption(4),))))
+    assert isinstance(action, OpenUpstream) and hs.outcome == "connect+info"
+    got = reply_of(hs.upstream_connected(Negotiated(sack=True)))
+    assert got.supported_tcp_ext == SupportedTcpExtTlv(KINDS)
+    assert got.extended_tcp_header == ExtendedTcpHeaderTlv((TcpOption(4),))
+
+
+def test_ipv6_target_and_ipv6_client():
+    target6 = ip("2001:db8:5::10")
+    settings = make_settings(
+        targets=TargetPolicy(allow_targets=parse_networks(["2001:db8::/32"], "k")))
+    hs = handshake(settings, client=ip("fd00::5"))
+    action = hs.receive(connect_bytes(target6, 8443))
+    assert action == OpenUpstream(target6, 8443, b"", ())
+
+
+def test_mapped_client_address_is_judged_as_ipv4():
+    settings = make_settings(clients=ClientPolicy(parse_networks(["10.0.0.0/24"], "k")))
+    hs = ConvertHandshake(settings, ip("::ffff:10.0.0.1"), NOW)
+    assert hs.start() is None
+    assert hs.client == CLIENT
+
+
+# --------------------------------------------------------------------------
+# Every error code
+# --------------------------------------------------------------------------
+
+def test_error_0_unsupported_version_lists_version_1():
+    hs = handshake()
+    action = hs.receive(b"\x02\x06\x22\x63")
+    err = error_of(action)
+    assert err.code == E.UNSUPPORTED_VERSION and err.supported_versions == (1,)
+    assert action.reason == "unsupported-version" and hs.outcome == "error:0"
+    assert hs.state is HandshakeState.CLOSING
+
+
+def test_error_0_is_decided_on_the_first_byte():
+    action = handshake().receive(b"\x02")
+    assert error_of(action).code == E.UNSUPPORTED_VERSION
+
+
+@pytest.mark.parametrize("name, data", [
+    ("total length 0", b"\x01\x00\x22\x63"),
+    ("total length 1 from a client", HEADER_ONLY),
+    ("tlv length 0", b"\x01\x02\x22\x63" + b"\x0a\x00\x00\x00"),
+    ("tlv past the end", b"\x01\x02\x22\x63" + b"\x0a\x05\x01\xbb"),
+    ("duplicate tlv", b"\x01\x03\x22\x63" + InfoTlv().encode() * 2),
+    ("bad magic", b"\x01\x06\x88\x03"),
+    ("connect port 0", b"\x01\x06\x22\x63" + b"\x0a\x05\x00\x00" + bytes(10) + b"\xff\xff"
+     + bytes(4)),
+])
+def test_error_1_malformed_messages_echo_the_message(name, data):
+    hs = handshake()
+    action, _ = trickle(hs, data + APP)
+    err = error_of(action)
+    assert err.code == E.MALFORMED_MESSAGE, name
+    assert action.reason == "malformed"
+    echoed = err.echo.rstrip(b"\x00")
+    assert data.startswith(echoed) or echoed.startswith(data.rstrip(b"\x00")), (echoed, data)
+
+
+@pytest.mark.parametrize("target", [
+    "127.0.0.1", "::ffff:127.0.0.1", "::1", "224.0.0.1", "ff02::1", "255.255.255.255",
+    "0.0.0.0", "2002:7f00:1::", "64:ff9b::7f00:1",
+])
+def test_error_1_connect_to_loopback_multicast_broadcast_in_any_spelling(target):
+    hs = handshake()
+    data = connect_bytes(target)
+    action = hs.receive(data + APP)
+    err = error_of(action)
+    assert err.code == E.MALFORMED_MESSAGE and action.reason == "target-forbidden"
+    assert err.echo[:len(data)] == data  # the whole Connect message, not the app bytes
+
+
+@pytest.mark.parametrize("data", [
+    b"\x01\x02\x22\x63" + bytes((99, 1, 0, 0)),         # unassigned type
+    b"\x01\x02\x22\x63" + bytes((200, 1, 0, 0)),        # private-use type
+    b"\x01\x02\x22\x63" + bytes((0, 1, 0, 0)),          # reserved type 0
+    b"\x01\x02\x22\x63" + bytes((30, 1, 0, 0)),         # Error TLV from a client
+])
+def test_error_2_unsupported_message(data):
+    action, _ = trickle(handshake(), data)
+    err = error_of(action)
+    assert err.code == E.UNSUPPORTED_MESSAGE and action.reason == "unsupported-message"
+    assert err.echo.startswith(data[:4])
+
+
+def test_error_3_missing_cookie_carries_a_cookie_that_then_works():
+    cookies = CookieAuthority(SECRET)
+    settings = make_settings(cookies=cookies)
+    action = handshake(settings).receive(connect_bytes())
+    err = error_of(action)
+    assert err.code == E.MISSING_COOKIE and action.reason == "missing-cookie"
+    assert err.value[0] == 0 and len(err.cookie) == COOKIE_LEN
+    assert cookies.valid(CLIENT, err.cookie, NOW)
+    retry = message(ConnectTlv(PORT, TARGET), CookieTlv(err.cookie))
+    assert handshake(settings, now=NOW + 60).receive(retry + APP) == \
+        OpenUpstream(TARGET, PORT, APP, ())
+
+
+def test_info_alone_needs_no_cookie():
+    action = handshake(make_settings(cookies=CookieAuthority(SECRET))).receive(
+        message(InfoTlv()))
+    assert action.reason == "info"
+
+
+def test_error_32_bad_cookie():
+    settings = make_settings(cookies=CookieAuthority(SECRET))
+    bad = message(ConnectTlv(PORT, TARGET), CookieTlv(b"\x00" * COOKIE_LEN))
+    action = handshake(settings).receive(bad)
+    assert error_of(action).code == E.NOT_AUTHORIZED and action.reason == "bad-cookie"
+
+
+def test_error_32_cookie_of_another_client():
+    cookies = CookieAuthority(SECRET)
+    theirs = cookies.issue(ip("10.0.0.2"), NOW)
+    action = handshake(make_settings(cookies=cookies)).receive(
+        message(ConnectTlv(PORT, TARGET), CookieTlv(theirs)))
+    assert error_of(action).code == E.NOT_AUTHORIZED
+
+
+def test_error_32_client_not_in_allowed_networks_before_reading():
+    settings = make_settings(clients=ClientPolicy(parse_networks(["10.9.0.0/16"], "k")))
+    hs = ConvertHandshake(settings, CLIENT, NOW)
+    action = hs.start()
+    assert error_of(action).code == E.NOT_AUTHORIZED
+    assert action.reason == "client-not-allowed" and hs.state is HandshakeState.CLOSING
+
+
+@pytest.mark.parametrize("target, reason", [
+    ("192.0.2.1", "own-address"),            # the converter itself: hairpin
+    ("::ffff:192.0.2.1", "own-address"),
+    ("10.1.2.3", "special-use"),             # private range not allowed
+    ("fe80::1", "link-local"),
+    ("169.254.169.254", "link-local"),
+])
+def test_error_32_policy_refusals(target, reason):
+    hs = handshake()
+    action = hs.receive(connect_bytes(target))
+    assert error_of(action).code == E.NOT_AUTHORIZED
+    assert action.reason == "target-denied"
+    assert hs.target.reason.value == reason
+
+
+@pytest.mark.parametrize("kinds, refused", [
+    ((29,), (29,)),                  # TCP-AO: never (RFC 8803 §4.2.5)
+    ((4, 77), (77,)),
+    ((77, 29, 77), (77, 29)),
+])
+def test_error_33_unsupported_tcp_options_are_listed(kinds, refused):
+    options = tuple(TcpOption(k, b"\x00\x00") for k in kinds)
+    action = handshake().receive(connect_bytes(options=options))
+    err = error_of(action)
+    assert err.code == E.UNSUPPORTED_TCP_OPTION
+    assert err.refused_option_kinds == refused and action.reason == "unsupported-option"
+
+
+def test_tcp_ao_stays_refused_even_if_configured():
+    settings = make_settings(connect_option_kinds={4, 29})
+    action = handshake(settings).receive(connect_bytes(options=(TcpOption(29, b"\x00\x00"),)))
+    assert error_of(action).code == E.UNSUPPORTED_TCP_OPTION
+
+
+def test_error_64_too_many_pending_handshakes_from_one_client():
+    settings = make_settings(max_pending_per_client=3)
+    assert ConvertHandshake(settings, CLIENT, NOW).start(2) is None
+    action = ConvertHandshake(settings, CLIENT, NOW).start(3)
+    err = error_of(action)
+    assert err.code == E.RESOURCE_EXCEEDED and err.retry_delay_s == 0
+    assert action.reason == "client-over-limit"
+
+
+@pytest.mark.parametrize("failure, code, reason", [
+    (UpstreamFailure(UpstreamFailureKind.REFUSED), E.CONNECTION_RESET, "upstream-refused"),
+    (UpstreamFailure(UpstreamFailureKind.UNREACHABLE, 1), E.DESTINATION_UNREACHABLE,
+     "upstream-unreachable"),
+    (UpstreamFailure(UpstreamFailureKind.UNREACHABLE), E.NETWORK_FAILURE,
+     "upstream-unreachable"),
+    (UpstreamFailure(UpstreamFailureKind.TIMEOUT), E.NETWORK_FAILURE, "upstream-timeout"),
+    (UpstreamFailure(UpstreamFailureKind.NETWORK), E.NETWORK_FAILURE, "upstream-network"),
+    (UpstreamFailure(UpstreamFailureKind.RESOURCES), E.RESOURCE_EXCEEDED,
+     "upstream-resources"),
+])
+def test_upstream_failures_map_to_server_and_converter_side_codes(failure, code, reason):
+    hs = handshake(make_settings(network_retry_s=7))
+    hs.receive(connect_bytes())
+    action = hs.upstream_failed(failure)
+    err = error_of(action)
+    assert err.code == code and action.reason == reason
+    if code == E.DESTINATION_UNREACHABLE:
+        assert err.icmp_code == 1
+    if code == E.NETWORK_FAILURE:
+        assert err.retry_delay_s == 7
+
+
+# --------------------------------------------------------------------------
+# EOF and the deadline
+# --------------------------------------------------------------------------
+
+def test_eof_before_anything_closes_quietly():
+    action = handshake().receive_eof()
+    assert action == CloseQuietly("client-eof", action.detail)
+
+
+def test_eof_mid_message_is_malformed():
+    hs = handshake()
+    data = connect_bytes()
+    assert hs.receive(data[:9]) is None
+    action = hs.receive_eof()
+    err = error_of(action)
+    assert err.code == E.MALFORMED_MESSAGE and err.echo.startswith(data[:9])
+
+
+def test_total_length_larger_than_the_data_waits_then_eof_is_malformed():
+    hs = handshake()
+    assert hs.receive(b"\x01\x10\x22\x63" + InfoTlv().encode()) is None
+    assert error_of(hs.receive_eof()).code == E.MALFORMED_MESSAGE
+
+
+def test_deadline_with_nothing_received_closes_quietly():
+    action = handshake().expire()
+    assert isinstance(action, CloseQuietly) and action.reason == "handshake-timeout"
+
+
+def test_deadline_with_a_partial_message_is_malformed():
+    hs = handshake()
+    hs.receive(b"\x01\x06")
+    action = hs.expire()
+    assert error_of(action).code == E.MALFORMED_MESSAGE
+    assert action.reason == "handshake-timeout"
+
+
+def test_events_out_of_order_are_our_bug_not_the_peers():
+    hs = handshake()
+    with pytest.raises(RuntimeError):
+        hs.upstream_connected(Negotiated())
+    hs.receive(connect_bytes())
+    with pytest.raises(RuntimeError):
+        hs.receive(b"more")
+    with pytest.raises(RuntimeError):
+        hs.expire()
+
+
+# --------------------------------------------------------------------------
+# Replays (RFC 8803 §6.2): same bytes, same answer, no state
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data", [
+    connect_bytes() + APP,
+    message(InfoTlv()),
+    connect_bytes("127.0.0.1"),
+    b"\x02\x00",
+])
+def test_replayed_syn_data_gets_the_same_action(data):
+    assert handshake().receive(data) == handshake().receive(data)
+
+
+def test_replayed_cookie_request_gets_the_same_cookie_within_a_window():
+    settings = make_settings(cookies=CookieAuthority(SECRET))
+    first = handshake(settings, now=NOW).receive(connect_bytes())
+    again = handshake(settings, now=NOW + 1).receive(connect_bytes())
+    assert first == again
+
+
+# --------------------------------------------------------------------------
+# Cookies and the error rate limit
+# --------------------------------------------------------------------------
+
+def test_cookie_windows():
+    cookies = CookieAuthority(SECRET, window_s=100)
+    cookie = cookies.issue(CLIENT, 1000.0)
+    assert cookies.valid(CLIENT, cookie, 1099.0)
+    assert cookies.valid(CLIENT, cookie, 1150.0)       # previous window still accepted
+    assert not cookies.valid(CLIENT, cookie, 1200.0)   # two windows later: expired
+    assert not cookies.valid(CLIENT, cookie[:-4], 1000.0)
+    assert cookies.valid(ip("::ffff:10.0.0.1"), cookie, 1000.0)
+    assert cookies.issue(CLIENT, 1000.0) != CookieAuthority(SECRET + b"x", 100).issue(
+        CLIENT, 1000.0)
+
+
+def test_cookie_secret_must_be_long_enough():
+    with pytest.raises(ValueError):
+        CookieAuthority(b"short")
+    with pytest.raises(ValueError):
+        CookieAuthority(SECRET, window_s=0)
+
+
+def test_token_bucket_burst_then_rate():
+    bucket = TokenBucket(rate=2.0, burst=3)
+    assert [bucket.allow("a", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.allow("b", 0.0)               # per key
+    assert not bucket.allow("a", 0.2)
+    assert bucket.allow("a", 0.6)               # 2 tokens/s refill
+    assert not bucket.allow("a", 0.6)
+
+
+def test_token_bucket_memory_is_bounded():
+    bucket = TokenBucket(rate=1.0, burst=1, max_keys=10)
+    for i in range(100):
+        bucket.allow(i, 0.0)
+    assert len(bucket) == 10
+
+
+# --------------------------------------------------------------------------
+# Fuzz: any bytes, any segmentation -> one of our actions, never an exception
+# --------------------------------------------------------------------------
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=30),
+       st.booleans())
+def test_fuzz_only_actions_come_out(chunks, eof):
+    hs = handshake(make_settings(cookies=CookieAuthority(SECRET)))
+    action = None
+    for chunk in chunks:
+        action = hs.receive(chunk)
+        if action is not None:
+            break
+    if action is None:
+        action = hs.receive_eof() if eof else hs.expire()
+    assert isinstance(action, (OpenUpstream, ReplyAndClose, CloseQuietly))
+    if isinstance(action, ReplyAndClose):
+        assert reply_of(action).tlvs  # always a valid converter message
+
+
+@settings(max_examples=100)
+@given(st.binary(min_size=1, max_size=1100), st.integers(1, 64))
+def test_fuzz_segmentation_does_not_change_the_answer(data, size):
+    whole = handshake().receive(data)
+    hs = handshake()
+    split = None
+    for i in range(0, len(data), size):
+        split = hs.receive(data[i:i + size])
+        if split is not None:
+            break
+    if whole is None:
+        assert split is None
+    elif isinstance(whole, OpenUpstream):
+        assert isinstance(split, OpenUpstream)
+        assert (split.address, split.port) == (whole.address, whole.port)
+        assert whole.early_data.startswith(split.early_data)
+    else:
+        assert isinstance(split, ReplyAndClose) and split.code == whole.code
