@@ -31,9 +31,10 @@ What a call does:
   stop relying on it; see :meth:`ConverterRegistry.tfo_stripped` and
   ``avoid_stripped``).
 * By default the Connect lists MP_CAPABLE (an "extended Connect"), so the
-  converter answers with the server's SYN+ACK options. If they show the server
-  speaks MPTCP itself (MP_CAPABLE in the Extended TCP Header TLV), the target is remembered in an
-  :class:`MptcpTargetCache`; while it is, later calls connect to the target
+  converter answers with the server's SYN+ACK options. If they show the
+  server speaks MPTCP itself (MP_CAPABLE in the Extended TCP Header TLV), the
+  target is remembered in an :class:`MptcpTargetCache`; while it is, later
+  calls connect to the target
   directly (RFC 8803 §5.1), with TFO too. A direct connection that falls back
   to TCP or fails makes the library forget the target again.
 
@@ -45,7 +46,11 @@ client's MPTCP socket after connect, TcpExt TCPFastOpenActive and the
 converter's TCPFastOpenPassive rise). A non-blocking ``sendto(MSG_FASTOPEN)``
 without a cookie fails with EINPROGRESS and queues nothing; with a cookie it
 returns the bytes put in the SYN. With client TFO off it fails with
-EOPNOTSUPP.
+EOPNOTSUPP. A missing TCPI_OPT_SYN_DATA alone does not mean "stripped": the
+cookie-fetching first connection lacks it too, so the outcome is read from
+``tcpi_fastopen_client_fail`` (1 no cookie, 2 data not acked, 3 SYN
+retransmitted). The SYN+ACK that hands out the cookie carries no timestamps
+(``tcpi_options`` 0x6: MPTCP + TFO cookie leave no room for them).
 """
 
 from __future__ import annotations
@@ -619,8 +624,9 @@ def open_connection(converter: tuple[str, int], target: tuple[str, int], *,
     :data:`MP_CAPABLE_SYN_OPTION` when there is a cache to fill, which asks the
     converter to show whether the server answered MP_CAPABLE (a converter
     returns the Extended TCP Header only for an extended Connect, RFC 8803
-    §4.2.6), and nothing otherwise; ``()`` sends a base Connect. ``tfo_no_cookie`` sets TCP_FASTOPEN_NO_COOKIE on the
-    socket, for converters that accept SYN data without a TFO cookie.
+    §4.2.6), and nothing otherwise; ``()`` sends a base Connect.
+    ``tfo_no_cookie`` sets TCP_FASTOPEN_NO_COOKIE on the socket, for
+    converters that accept SYN data without a TFO cookie.
     ``avoid_stripped`` refuses converter addresses marked "TFO stripped".
 
     Raises :class:`ConvertRefused` (typed per Error code), a

@@ -269,6 +269,12 @@ def exchange(conn, up: bytes) -> tuple[str, int]:
     return got
 
 
+def finish(conn) -> None:
+    """Close cleanly: EOF up, read the server's reply to EOF (no RST for the server)."""
+    exchange(conn, b"")
+    conn.close()
+
+
 def check_transfer(world: World, server: HashServer, index: int, conn, first: bytes,
                    rest: bytes) -> None:
     got = exchange(conn, rest)
@@ -342,7 +348,7 @@ def test_client_tfo_disabled_still_converts(world):
 
 def test_stripped_syn_data_is_recorded_and_data_still_arrives(world):
     conv = world.start_converter()
-    world.open(first_bytes=b"x").close()  # fetch a cookie
+    finish(world.open(first_bytes=b"x"))  # fetch a cookie
     # The converter's side stops taking SYN data: the next SYN carries data and a
     # valid cookie, the SYN+ACK acknowledges only the SYN. That is what a
     # payload-stripping middlebox looks like from the client.
@@ -478,7 +484,7 @@ def test_direct_connection_on_second_call_when_reply_said_mptcp(world):
     # Without the cache the library goes through the converter again.
     conn3 = world.open(world.mptcp_target, direct_if_mptcp=False)
     assert not conn3.direct
-    conn3.close()
+    finish(conn3)
 
 
 def test_tcp_only_server_keeps_going_through_the_converter(world):
@@ -486,11 +492,11 @@ def test_tcp_only_server_keeps_going_through_the_converter(world):
     for _ in range(2):
         conn = world.open(first_bytes=b"q")
         assert not conn.direct and conn.server_mptcp is False
-        conn.close()
+        finish(conn)
     assert len(conv.requests) == 2 and len(world.cache) == 0
     # Without a cache to fill there is nothing to ask: a base Connect.
-    world.open(cache=None).close()
-    world.open(extended_options=()).close()
+    finish(world.open(cache=None))
+    finish(world.open(extended_options=()))
     assert [r.connect.options for r in conv.requests] == [(MP_CAPABLE_SYN_OPTION,)] * 2 + [()] * 2
 
 
@@ -567,10 +573,10 @@ def test_missing_cookie_is_retried_with_the_converters_cookie(world):
     assert [r.cookie is not None for r in conv.requests] == [False, True]
     assert world.registry.cookie(conv.addr) == cookie
     # Next time the kept cookie goes in the first request.
-    world.open().close()
+    finish(world.open())
     assert [r.cookie is not None for r in conv.requests] == [False, True, True]
     # A stale cookie given by the caller is replaced by the converter's, once.
-    world.open(cookie=b"STALE!!!").close()
+    finish(world.open(cookie=b"STALE!!!"))
     assert [r.cookie.cookie for r in conv.requests[3:]] == [b"STALE!!!", cookie]
     # A converter that keeps asking is an error, not a loop: the cookie it asks
     # for is the one just sent, so there is nothing to retry with.
@@ -632,8 +638,8 @@ def test_silent_converter_times_out(world):
 def test_library_does_not_touch_sysctls(world):
     world.start_converter()
     before = {ns: netns.sysctl(ns, "net.ipv4.tcp_fastopen") for ns in world.lab.plan.namespaces}
-    world.open(first_bytes=b"a").close()
-    world.open(first_bytes=b"b", tfo_no_cookie=True).close()
+    finish(world.open(first_bytes=b"a"))
+    finish(world.open(first_bytes=b"b", tfo_no_cookie=True))
     after = {ns: netns.sysctl(ns, "net.ipv4.tcp_fastopen") for ns in world.lab.plan.namespaces}
     assert before == after
 

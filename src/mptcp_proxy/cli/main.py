@@ -21,6 +21,7 @@ COMMANDS = (
     "mptcp_proxy.cli.forward_cmd",
     "mptcp_proxy.cli.convert_cmd",
     "mptcp_proxy.cli.transparent_cmd",
+    "mptcp_proxy.cli.client_cmd",
     "mptcp_proxy.cli.lab_cmd",
     "mptcp_proxy.cli.demo_cmd",
 )
