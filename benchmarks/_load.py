@@ -288,13 +288,6 @@ def cmd_conn_server(args: argparse.Namespace) -> None:
         conn.close()
 
 
-def percentile(sorted_values: list, q: float):
-    if not sorted_values:
-        return None
-    idx = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
-    return sorted_values[idx]
-
-
 def cmd_connrate(args: argparse.Namespace) -> None:
     family, addr = parse_addr(args.connect)
     proto = proto_number(args.proto)

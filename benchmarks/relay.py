@@ -48,6 +48,7 @@ import json
 import os
 import platform
 import select
+import shutil
 import signal
 import statistics
 import subprocess
@@ -596,7 +597,7 @@ def main() -> int:
                     enable_rps(lab)
                 start_everything(setup)
                 say = lambda msg: print(f"[{time.time() - started:5.1f}s] {msg}", flush=True)  # noqa: E731
-                say(f"lab {lab.name} up; servers and 6 proxies running; logs in {logdir}")
+                say(f"lab {lab.name} up; servers and 6 proxies running")
                 # 1. Integrity (also warms every path up).
                 for sc in SCENARIOS:
                     for op in ("up", "down"):
@@ -633,10 +634,11 @@ def main() -> int:
             finally:
                 procs.kill_all()
     except BenchError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
+        print(f"benchmark failed: {exc}\nprocess logs kept in {logdir}", file=sys.stderr)
         return 1
     finally:
         procs.kill_all()
+    shutil.rmtree(logdir, ignore_errors=True)
 
     res = analyze(raw)
     meta["seconds"] = time.time() - started

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from mptcp_proxy.config import Endpoint, RelayConfig, UpstreamMode
 from mptcp_proxy.dataplane.connect import ConnectResult, Connector, PendingConnect
 from mptcp_proxy.dataplane.reactor import EPOLLIN, EPOLLOUT, Reactor, Timer
-from mptcp_proxy.dataplane.relay import LINGER_ABORT
+from mptcp_proxy.dataplane.relay import LINGER_ABORT, Relay
 from mptcp_proxy.errors import ConfigError, KernelError
 from mptcp_proxy.kernel.nft import NftTable, check_name
 from mptcp_proxy.kernel.sysctl import read_sysctl
@@ -95,6 +95,9 @@ LISTEN_PORT_TRIES = 16        # ephemeral port free on both 127.0.0.1 and ::1
 THREAD_NETNS = "/proc/thread-self/ns/net"
 CLONE_NEWNET = 0x40000000
 LOCK_PREFIX = "\0mptcp-proxy-client-"
+
+TFO_DATA_NOT_ACKED = 2        # tcpi_fastopen_client_fail (uapi linux/tcp.h)
+TFO_ACKED, TFO_NOT_ACKED, TFO_NO = "yes", "not-acked", "no"   # the log line's tfo=
 
 CAPTURE = "capture"
 SOCKS5 = "socks5"
@@ -265,12 +268,17 @@ def _namespace_lock(table: str) -> socket.socket:
     return lock
 
 
-def _syn_data_acked(sock: socket.socket) -> bool:
-    """TCPI_OPT_SYN_DATA: the converter acknowledged the data of our SYN (0-RTT)."""
+def _tfo_outcome(sock: socket.socket) -> str:
+    """``yes`` (SYN data acknowledged), ``not-acked`` (sent, dropped) or ``no``."""
     try:
-        return tcp_info(sock).has_syn_data
+        info = tcp_info(sock)
     except (OSError, SockInfoError):
-        return False
+        return TFO_NO
+    if info.has_syn_data:
+        return TFO_ACKED
+    if info.fastopen_client_fail == TFO_DATA_NOT_ACKED:
+        return TFO_NOT_ACKED
+    return TFO_NO
 
 
 def _abort_close(sock: socket.socket) -> None:
@@ -362,8 +370,16 @@ class ClientAgent(ProxyServer):
         self.connector = MarkedConnector(self.reactor, mark=config.mark,
                                          tfo_no_cookie=config.tfo_no_cookie,
                                          timeout=config.relay.connect_timeout)
+        # Servers reached directly get SYN data only with a TFO cookie of theirs:
+        # cookie-less SYN data is an arrangement with the converter, and an MPTCP
+        # SYN whose data is not acknowledged falls back to TCP (measured on 6.18).
+        self.direct_connector = MarkedConnector(self.reactor, mark=config.mark,
+                                                tfo_no_cookie=False,
+                                                timeout=config.relay.connect_timeout)
         self.mptcp_targets = MptcpTargetCache(config.mptcp_cache_ttl)
         self.cookies: dict[tuple[str, int], bytes] = {}
+        self.tfo_stripped: set[tuple[str, int]] = set()
+        """Converters that did not acknowledge our SYN data: none sent to them since."""
         self.converters: list[tuple[int, tuple]] = []
         self.agent_stats = AgentStats()
         self.pending: dict[int, _Conn] = {}
@@ -376,6 +392,7 @@ class ClientAgent(ProxyServer):
         self._pool_lock = threading.Lock()
         self._preferred = 0
         self._capture_listeners: set[int] = set()
+        self._early_sent: dict[int, int] = {}  # session id -> app bytes sent with the request
         self._lock: socket.socket | None = None
         self._netns_fd: int | None = None
         self._table_removed = False
@@ -591,14 +608,26 @@ class ClientAgent(ProxyServer):
             self._release(conn)
             self._finish(conn, "client-eof", abort=False)
             return
+        # Fed a byte at a time up to the request: the method reply due for the
+        # greeting is then out before a failure in the request of the same read
+        # (Socks5Error.reply holds only the failure), and bytes pipelined behind
+        # the request never count against the handshake's buffer limit.
+        out = bytearray()
+        request = None
         try:
-            out, request = conn.socks.feed(data)
+            for i in range(len(data)):
+                sent, request = conn.socks.feed(data[i:i + 1])
+                out += sent
+                if request is not None:
+                    if i + 1 < len(data):
+                        conn.socks.feed(data[i + 1:])  # kept in ``leftover``
+                    break
         except Socks5Error as exc:
             reason = f"socks5-error:{exc.code}" if exc.code is not None else "socks5-bad-handshake"
             log.debug("conn=%d %s: %s", conn.session.id, reason, exc)
-            self._socks_close(conn, exc.reply, reason)
+            self._socks_close(conn, bytes(out) + exc.reply, reason)
             return
-        if out and not self._send_app(conn, out):
+        if out and not self._send_app(conn, bytes(out)):
             return
         if request is None:
             return
@@ -702,9 +731,9 @@ class ClientAgent(ProxyServer):
             conn.tried_direct = True
             conn.state = _DIRECT
             family, sockaddr = _sockaddr(conn.target)
-            pending = self.connector.connect(family, sockaddr,
-                                             lambda r: self._direct_done(conn, r),
-                                             early_data=conn.early)
+            pending = self.direct_connector.connect(family, sockaddr,
+                                                    lambda r: self._direct_done(conn, r),
+                                                    early_data=conn.early)
             if pending is not None:
                 conn.connect = pending
             return
@@ -728,8 +757,7 @@ class ClientAgent(ProxyServer):
         if not result.mptcp:
             self.mptcp_targets.forget(conn.target)
         self.agent_stats.direct += 1
-        conn.session.extra.update(via="direct", tfo="yes" if _syn_data_acked(result.sock)  # type: ignore[union-attr]
-                                  else "no")
+        conn.session.extra.update(via="direct", tfo=_tfo_outcome(result.sock))  # type: ignore[union-attr]
         self._relay(conn, result, conn.early[result.early_sent:], b"")
 
     def _connect_converter(self, conn: _Conn, retry_same: bool = False) -> None:
@@ -738,7 +766,10 @@ class ClientAgent(ProxyServer):
                 self._fail(conn, conn.last_error or "converter-unreachable",
                            Socks5Reply.GENERAL_FAILURE)
                 return
-            conn.converter_index = (self._preferred + conn.converter_tries) % len(self.converters)
+            if conn.converter_tries == 0:
+                conn.converter_index = self._preferred % len(self.converters)
+            else:
+                conn.converter_index = (conn.converter_index + 1) % len(self.converters)
             conn.converter_tries += 1
         family, sockaddr = self.converters[conn.converter_index]
         key = (sockaddr[0], sockaddr[1])
@@ -749,9 +780,11 @@ class ClientAgent(ProxyServer):
                                                 (MP_CAPABLE_SYN_OPTION,))
         data = conn.handshake.request_bytes() + conn.early
         conn.state = _CONNECTING
+        # A converter seen dropping SYN data gets none: the bytes follow the handshake.
+        syn_data = b"" if key in self.tfo_stripped else data
         pending = self.connector.connect(family, sockaddr,
                                          lambda r: self._converter_connected(conn, r, data),
-                                         early_data=data)
+                                         early_data=syn_data)
         if pending is not None:
             conn.connect = pending
 
@@ -773,15 +806,36 @@ class ClientAgent(ProxyServer):
         conn.conv = result
         conn.conv_fd = result.sock.fileno()
         conn.out = data[result.early_sent:]
-        tfo = _syn_data_acked(result.sock)
-        if tfo:
+        tfo = _tfo_outcome(result.sock)
+        if tfo == TFO_ACKED:
             self.agent_stats.tfo_acked += 1
-        conn.session.extra.update(via="converter", tfo="yes" if tfo else "no")  # type: ignore[union-attr]
+        elif tfo == TFO_NOT_ACKED:
+            self._note_stripped(conn.converter_index, result)
+        conn.session.extra.update(via="converter", tfo=tfo)  # type: ignore[union-attr]
         conn.state = _AWAITING
         self.reactor.register(conn.conv_fd, EPOLLIN | (EPOLLOUT if conn.out else 0),
                               lambda ev: self._on_converter_event(conn, ev))
         if conn.out:
             self._send_request(conn)
+
+    def _note_stripped(self, index: int, result: ConnectResult) -> None:
+        """The SYN carried data the SYN+ACK did not acknowledge (a middlebox strips it,
+        or the converter takes no cookie-less SYN data): send none to it from now on,
+        as RFC 8803 asks of clients.
+
+        Measured on 6.18: an MPTCP connection whose SYN data is not acknowledged
+        falls back to plain TCP, so each such connection runs on one path.
+        """
+        _, sockaddr = self.converters[index]
+        key = (sockaddr[0], sockaddr[1])
+        if key in self.tfo_stripped:
+            return
+        self.tfo_stripped.add(key)
+        log.warning("converter %s did not acknowledge our SYN data%s: sending the Convert "
+                    "request after the handshake from now on%s", format_addr(key),
+                    "" if result.mptcp else " (and the connection fell back to TCP)",
+                    "; is it running with --tfo-no-cookie?" if self.connector.tfo_no_cookie
+                    else "")
 
     def _on_converter_event(self, conn: _Conn, events: int) -> None:
         if conn.state != _AWAITING:
@@ -883,8 +937,17 @@ class ClientAgent(ProxyServer):
         if conn.kind == SOCKS5:
             assert conn.socks is not None
             to_client = conn.socks.success(_bound(result.sock)) + to_client
+        # Application bytes that already left with the request count as relayed.
+        sent_early = len(conn.early) - len(to_upstream)
+        if sent_early > 0:
+            self._early_sent[conn.session.id] = sent_early
         self.start_relay(conn.app, result, conn.session, initial_to_upstream=to_upstream,
                          initial_to_client=to_client)
+
+    def relay_closed(self, relay: Relay) -> None:
+        early = self._early_sent.pop(relay.meta.id, 0)  # type: ignore[attr-defined]
+        relay.ab.bytes += early
+        super().relay_closed(relay)
 
     # -- endings ------------------------------------------------------------------
     def _on_deadline(self, conn: _Conn) -> None:
