@@ -363,3 +363,26 @@ def test_bad_descriptors() -> None:
                                            "error": "EBADF"}
     with pytest.raises(OSError):
         si.tcp_info(sock)
+
+
+def test_live_subflow_count_matches_mptcp_info():
+    import socket as _socket
+
+    from mptcp_proxy.observe.sockinfo import live_subflow_count, mptcp_info
+
+    srv = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM, 262)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    cli = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM, 262)
+    cli.connect(srv.getsockname())
+    acc, _ = srv.accept()
+    tcp = _socket.socket()
+    try:
+        cli.sendall(b"x")
+        assert acc.recv(1) == b"x"
+        info = mptcp_info(cli)
+        assert live_subflow_count(cli) == info.live_subflows == 1
+        assert live_subflow_count(tcp) == 1  # plain TCP: EOPNOTSUPP means one path
+    finally:
+        for s in (cli, acc, srv, tcp):
+            s.close()

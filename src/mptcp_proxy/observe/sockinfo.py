@@ -698,6 +698,26 @@ def mptcp_info(sock: FdLike) -> MptcpInfo | None:
     return parse_mptcp_info(data)
 
 
+_SUBFLOWS_TOTAL_OFFSET = {name: off for name, off, _ in _MPTCP_INFO_LAYOUT}["subflows_total"]
+
+
+def live_subflow_count(sock: FdLike) -> int:
+    """Live subflows of an MPTCP connection (1 for TCP and fallback), cheaply.
+
+    The relay asks this at least twice per connection; it reads two bytes of
+    ``MPTCP_INFO`` instead of building a :class:`MptcpInfo`.
+    """
+    try:
+        data = _getsockopt_bytes(_sock_or_fd(sock), SOL_MPTCP, MPTCP_INFO, MPTCP_INFO_LEN)
+    except OSError as e:
+        if e.errno in _NOT_MPTCP_ERRNOS:
+            return 1
+        raise
+    if len(data) > _SUBFLOWS_TOTAL_OFFSET and data[_SUBFLOWS_TOTAL_OFFSET]:
+        return data[_SUBFLOWS_TOTAL_OFFSET]
+    return (data[0] + 1) if data else 1
+
+
 # Subflow limits top out at 8 (MPTCP_PM_ADDR_MAX); grow only if the kernel says so.
 _INITIAL_CAPACITY = 8
 _ATTEMPTS = 3

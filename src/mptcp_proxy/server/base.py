@@ -22,7 +22,7 @@ from mptcp_proxy.dataplane.pipes import RESOURCE_ERRNOS
 from mptcp_proxy.dataplane.reactor import EPOLLIN, Reactor, Timer
 from mptcp_proxy.dataplane.relay import LINGER_ABORT, Relay, RelayEngine
 from mptcp_proxy.errors import ConfigError
-from mptcp_proxy.observe.sockinfo import IPPROTO_MPTCP, is_mptcp, mptcp_info
+from mptcp_proxy.observe.sockinfo import IPPROTO_MPTCP, is_mptcp, live_subflow_count
 
 log = logging.getLogger("mptcp_proxy.server")
 conn_log = logging.getLogger("mptcp_proxy.conn")
@@ -349,13 +349,10 @@ def _safe_is_mptcp(sock: socket.socket) -> bool:
 
 
 def _subflows(sock: socket.socket, mptcp: bool | None) -> int:
-    """Subflows this connection ever had: 1 for TCP/fallback, MPTCP_INFO otherwise."""
+    """Live subflows now: 1 for TCP or fallback, MPTCP_INFO otherwise."""
     if not mptcp:
         return 1
     try:
-        info = mptcp_info(sock)
+        return live_subflow_count(sock)
     except OSError:
         return 1
-    if info is None:
-        return 1
-    return max(1, info.subflows_total or (info.subflows + 1))
