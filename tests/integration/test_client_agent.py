@@ -26,6 +26,7 @@ from mptcp_proxy.config_convert import ConvertConfig
 from mptcp_proxy.errors import KernelError
 from mptcp_proxy.kernel.nft import nft, table_exists
 from mptcp_proxy.lab import Lab, PathSpec
+from mptcp_proxy.lab.traffic import SinkServer
 from mptcp_proxy.modes.client_agent import DEFAULT_TABLE, TABLE_FAMILY, parse_captures
 from mptcp_proxy.modes.policy import parse_networks
 from mptcp_proxy.server.agent import AgentConfig, ClientAgent
@@ -40,6 +41,7 @@ pytestmark = [
 
 SERVER_PORT = 9000
 MPTCP_SERVER_PORT = 9001
+SINK_PORT = 9002                 # reads to EOF, then answers with the SHA-256 and count
 CLOSED_PORT = 9009               # nothing listens: the server answers RST
 DOWN = payload(200_000, 91)      # what every server sends on each connection
 SECRET = b"agent-test-secret-0123456789"
@@ -139,6 +141,7 @@ def env():
             tcp = HashServer("::", mptcp=False, port=SERVER_PORT, reply_fn=lambda i: DOWN)
             mp = HashServer(lab.server_addr, mptcp=True, port=MPTCP_SERVER_PORT,
                             reply_fn=lambda i: DOWN)
+        sink = SinkServer(lab.server, lab.server_addr, SINK_PORT)
         e = AgentEnv(lab, tcp, mp, converter=None)  # type: ignore[arg-type]
         e.converter = e.start_converter()
         try:
@@ -148,6 +151,7 @@ def env():
                 runner.stop()
             tcp.close()
             mp.close()
+            sink.close()
 
 
 @pytest.fixture
@@ -287,10 +291,22 @@ def test_captured_ipv4_and_ipv6_connections_relay_hash_verified(env, agent):
         assert s.extra["convert"] == "accepted" and s.extra["server_mptcp"] == "no"
         assert s.extra["tfo"] == "yes", "the Convert request did not ride in the SYN"
         assert s.upstream_mptcp is True and s.client_mptcp is False
-        assert s.upstream_subflows == 2, "the converter connection did not use both paths"
         assert (closed.up, closed.down) == (len(up), len(DOWN))
     assert env.passive_tfo() - tfo_before >= 2
     assert env.table_present()
+
+
+def test_the_converter_connection_gets_a_subflow_on_each_path(env, agent):
+    up = payload(400_000, 3)
+    with env.socket() as sock:
+        sock.connect((env.lab.server_addr, SINK_PORT))
+        sock.sendall(up[:1000])
+        time.sleep(0.3)  # the path manager adds the second subflow meanwhile
+        reply = exchange(sock, up[1000:])  # the sink answers once it has read to EOF
+    digest, count = struct.unpack("!32sQ", reply)
+    assert (digest.hex(), count) == (sha256(up), len(up))
+    closed = closed_sessions(agent, 1)[0]
+    assert closed.reason == "done" and closed.session.upstream_subflows == 2
 
 
 def test_many_concurrent_captured_connections(env, agent):
@@ -515,6 +531,20 @@ def test_syn_data_not_acknowledged_is_noticed_and_not_sent_again(env):
     finally:
         env.stop(runner)
         env.stop(converter)
+
+
+def test_no_tfo_sends_the_request_after_the_handshake(env):
+    runner = env.start_agent(tfo=False, tfo_no_cookie=False)
+    try:
+        before = env.passive_tfo()
+        up = payload(200_000, 70)
+        assert captured(env, env.lab.server_addr, SERVER_PORT, up) == DOWN
+        closed = closed_sessions(runner, 1)[0]
+        assert closed.reason == "done" and closed.session.extra["tfo"] == "no"
+        assert closed.session.upstream_mptcp is True and closed.up == len(up)
+        assert env.passive_tfo() == before  # not even a TFO cookie request
+    finally:
+        env.stop(runner)
 
 
 # --------------------------------------------------------------------------

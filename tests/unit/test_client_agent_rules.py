@@ -245,3 +245,67 @@ def test_socks_reply_for_convert_errors(code, rep):
 
 def test_numbers_from_the_brief():
     assert [int(socks_reply_for(c)) for c in (96, 97, 65, 32, 1)] == [5, 4, 3, 2, 1]
+
+
+# --------------------------------------------------------------------------
+# The command line (parsing only: nothing is started)
+# --------------------------------------------------------------------------
+
+def parse_cli(*argv: str):
+    from mptcp_proxy.cli.client_cmd import config_from_args
+    from mptcp_proxy.cli.main import build_parser
+
+    return config_from_args(build_parser().parse_args(["client", *argv]))
+
+
+def test_cli_builds_the_agent_config():
+    config = parse_cli("--converter", "[2001:db8::7]:5124", "--capture", "10.0.0.0/8:80,443",
+                       "--capture", "[fd00::/8]:443", "--socks5", ":1080", "--tfo-no-cookie",
+                       "--mark", "0x10", "--listen-port", "7000", "--no-direct",
+                       "--handshake-timeout", "3", "--nft-table", "agent_b")
+    assert [str(c) for c in config.converters] == ["[2001:db8::7]:5124"]
+    assert [str(c) for c in config.capture] == ["10.0.0.0/8:80,443", "[fd00::/8]:443"]
+    assert str(config.socks5) == "127.0.0.1:1080"
+    assert (config.mark, config.listen_port, config.tfo_no_cookie, config.direct) == \
+        (0x10, 7000, True, False)
+    assert (config.handshake_timeout, config.table) == (3.0, "agent_b")
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--converter", "192.0.2.1:5124"], "--capture"),
+    (["--converter", "192.0.2.1:0", "--socks5", ":1080"], "--converter"),
+    (["--converter", "192.0.2.1:5124", "--socks5", ":1080", "--nft-table", "bad name"],
+     "--nft-table"),
+    (["--converter", "192.0.2.1:5124", "--socks5", ":1080", "--handshake-timeout", "0"],
+     "--handshake-timeout"),
+    (["--converter", "192.0.2.1:5124", "--socks5", ":7000", "--listen-port", "7000"],
+     "--socks5"),
+    (["--converter", "192.0.2.1:5124", "--capture", "10.0.0.0/8", "--listen-port", "70000"],
+     "--listen-port"),
+    (["--converter", "192.0.2.1:5124", "--dns-server", "127.0.0.1", "--socks5", ":1080"],
+     "--domain"),
+    (["--converter", "192.0.2.1:5124", "--socks5", ":1080", "--no-tfo", "--tfo-no-cookie"],
+     "--tfo-no-cookie"),
+])
+def test_cli_refuses_bad_options(argv, key):
+    with pytest.raises(ConfigError) as info:
+        parse_cli(*argv)
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1", ("127.0.0.1", 53)),
+    ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+    ("::1", ("::1", 53)),
+    ("[::1]:5353", ("::1", 5353)),
+])
+def test_nameserver_spellings(text, expected):
+    from mptcp_proxy.cli.client_cmd import parse_nameserver
+    assert parse_nameserver(text) == expected
+
+
+@pytest.mark.parametrize("text", ["ns.example", "ns.example:53", "127.0.0.1:0", "[::1]"])
+def test_bad_nameservers(text):
+    from mptcp_proxy.cli.client_cmd import parse_nameserver
+    with pytest.raises(ConfigError):
+        parse_nameserver(text)

@@ -42,6 +42,12 @@ def test_connect_no_auth(trickle, req, host, port):
     assert hs.success(("10.0.0.1", 40000)) == bytes.fromhex("05000001 0a000001 9c40")
 
 
+def test_large_pipelined_data_in_the_same_read_is_not_a_handshake_error():
+    hs = Socks5Handshake()
+    out, request = run(hs, GREETING + REQ_V4 + b"x" * 100_000)
+    assert request is not None and len(hs.leftover) == 100_000
+
+
 def test_pipelined_data_is_kept_for_the_relay():
     hs = Socks5Handshake()
     out, request = run(hs, GREETING + REQ_V4 + b"GET / HTTP/1.0\r\n")
@@ -62,21 +68,22 @@ def test_bad_password_gets_01_01():
     hs = Socks5Handshake(lambda u, p: False)
     with pytest.raises(Socks5Error) as err:
         run(hs, bytes.fromhex("050102") + b"\x01\x01a\x01b")
-    assert err.value.reply == bytes.fromhex("0101")
+    assert err.value.reply == bytes.fromhex("0502") + bytes.fromhex("0101")
 
 
 @pytest.mark.parametrize("data, reply, code", [
     (bytes.fromhex("0401"), b"", None),                                 # wrong version
     (bytes.fromhex("0500"), bytes.fromhex("05ff"), None),               # NMETHODS 0
-    (bytes.fromhex("05ff") + b"\x01" * 3 + b"\x05" * 1100, None, None),  # 255 + short list, then junk
+    (bytes.fromhex("05ff") + b"\x01" * 3 + b"\x05" * 1100, bytes.fromhex("05ff"), None),
     (bytes.fromhex("050101"), bytes.fromhex("05ff"), None),             # only GSSAPI
-    (GREETING + bytes.fromhex("05020001 0a000002 1f90"), reply_bytes(7), 7),    # BIND
-    (GREETING + bytes.fromhex("05030001 0a000002 1f90"), reply_bytes(7), 7),    # UDP
-    (GREETING + bytes.fromhex("05010005 0a000002 1f90"), reply_bytes(8), 8),    # ATYP 5
-    (GREETING + bytes.fromhex("05010101 0a000002 1f90"), reply_bytes(1), 1),    # RSV != 0
-    (GREETING + bytes.fromhex("05010003 00 0050"), reply_bytes(1), 1),          # domain len 0
-    (GREETING + bytes.fromhex("05010003 03") + b"a\x00b" + b"\x00\x50", reply_bytes(1), 1),
-    (GREETING + bytes.fromhex("05010001 0a000002 0000"), reply_bytes(2), 2),    # port 0
+    (GREETING + bytes.fromhex("05020001 0a000002 1f90"), b"\x05\x00" + reply_bytes(7), 7),
+    (GREETING + bytes.fromhex("05030001 0a000002 1f90"), b"\x05\x00" + reply_bytes(7), 7),
+    (GREETING + bytes.fromhex("05010005 0a000002 1f90"), b"\x05\x00" + reply_bytes(8), 8),
+    (GREETING + bytes.fromhex("05010101 0a000002 1f90"), b"\x05\x00" + reply_bytes(1), 1),
+    (GREETING + bytes.fromhex("05010003 00 0050"), b"\x05\x00" + reply_bytes(1), 1),
+    (GREETING + bytes.fromhex("05010003 03") + b"a\x00b" + b"\x00\x50",
+     b"\x05\x00" + reply_bytes(1), 1),
+    (GREETING + bytes.fromhex("05010001 0a000002 0000"), b"\x05\x00" + reply_bytes(2), 2),
 ])
 def test_bad_input_matrix(data, reply, code):
     hs = Socks5Handshake()
@@ -99,7 +106,7 @@ def test_empty_username_and_password_fail():
         hs = Socks5Handshake(lambda u, p: True)
         with pytest.raises(Socks5Error) as err:
             run(hs, bytes.fromhex("050102") + auth)
-        assert err.value.reply == bytes.fromhex("0101")
+        assert err.value.reply == bytes.fromhex("0502") + bytes.fromhex("0101")
 
 
 def test_failure_reply_after_connect():

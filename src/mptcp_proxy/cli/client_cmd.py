@@ -55,6 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="put the Convert request in the SYN even without a TFO cookie "
                         "(TCP_FASTOPEN_NO_COOKIE; the converter must run with "
                         "--tfo-no-cookie)")
+    p.add_argument("--no-tfo", action="store_true",
+                   help="send the Convert request after the handshake instead of in the "
+                        "SYN (one round trip more; on Linux 6.18 an MPTCP connection the "
+                        "converter accepted with SYN data sends bulk downloads far slower "
+                        "over lossy paths, measured)")
     p.add_argument("--mark", type=_integer, default=DEFAULT_MARK, metavar="MARK",
                    help=f"fwmark on the agent's own sockets, never captured "
                         f"(default {DEFAULT_MARK:#x})")
@@ -125,6 +130,7 @@ def config_from_args(args: argparse.Namespace, converters: tuple[Endpoint, ...] 
         socks5=Endpoint.parse(args.socks5, "--socks5", default_host="127.0.0.1")
         if args.socks5 else None,
         mark=args.mark,
+        tfo=not args.no_tfo,
         tfo_no_cookie=args.tfo_no_cookie,
         table=args.nft_table,
         handshake_timeout=args.handshake_timeout,
@@ -155,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
             if addr[1] == agent.socks_port:
                 log.info("client: SOCKS5 listening on %s:%d", addr[0], addr[1])
     log.info("client: ready; converter %s (TFO %s%s, direct to MPTCP servers %s, max %d "
-             "connections)", converters, "on" if agent.tfo_client else "off (sysctl)",
+             "connections)", converters,
+             "off" if not config.tfo else ("on" if agent.tfo_client else "off (sysctl)"),
              ", no cookie" if config.tfo_no_cookie else "",
              "on" if config.direct else "off", agent.max_connections)
     agent.serve_forever()

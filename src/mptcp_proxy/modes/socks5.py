@@ -132,22 +132,30 @@ class Socks5Handshake:
         if self._state is _State.FAILED:
             raise Socks5Error("handshake already failed")
         self._buf += data
+        out = bytearray()
+        try:
+            while True:
+                before = self._state
+                if self._state is _State.GREETING:
+                    out += self._greeting()
+                elif self._state is _State.AUTH:
+                    out += self._authenticate()
+                elif self._state is _State.REQUEST:
+                    if self._request():
+                        # Bytes after the request are the client's data, whatever
+                        # their size: they are relayed, never counted as handshake.
+                        self.leftover = bytes(self._buf)
+                        self._buf.clear()
+                        return bytes(out), self.request
+                if self._state is before:
+                    break
+        except Socks5Error as exc:
+            # Replies earned by earlier stages of this same read go out first.
+            exc.reply = bytes(out) + exc.reply
+            raise
         if len(self._buf) > self.MAX_BUFFER:
             self._fail("handshake larger than any valid SOCKS5 message")
-        out = bytearray()
-        while True:
-            before = self._state
-            if self._state is _State.GREETING:
-                out += self._greeting()
-            elif self._state is _State.AUTH:
-                out += self._authenticate()
-            elif self._state is _State.REQUEST:
-                if self._request():
-                    self.leftover = bytes(self._buf)
-                    self._buf.clear()
-                    return bytes(out), self.request
-            if self._state is before:
-                return bytes(out), None
+        return bytes(out), None
 
     # -- stages ---------------------------------------------------------------
     def _fail(self, message: str, reply: bytes = b"", code: int | None = None) -> None:
