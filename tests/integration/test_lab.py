@@ -22,6 +22,7 @@ import pytest
 
 from mptcp_proxy.cli import lab_cmd
 from mptcp_proxy.errors import LabError
+from mptcp_proxy.kernel.netns import THREAD_NETNS
 from mptcp_proxy.lab import Lab, Node, PathSpec, netns, remove_lab
 from mptcp_proxy.lab import topology
 from mptcp_proxy.observe.sockinfo import MptcpInfo, mptcp_info
@@ -239,15 +240,15 @@ def test_attach_from_another_handle_shares_the_facts(make_lab):
 
 def test_enter_returns_to_the_original_namespace_even_on_error(make_lab):
     lab = make_lab(PathSpec())
-    home = os.stat(netns.THREAD_NETNS).st_ino
+    home = os.stat(THREAD_NETNS).st_ino
     with pytest.raises(ValueError):
         with lab.client.enter():
-            assert os.stat(netns.THREAD_NETNS).st_ino != home
+            assert os.stat(THREAD_NETNS).st_ino != home
             # A socket made inside belongs to the lab: the path address is local here.
             sock = socket.socket()
             sock.bind((lab.paths[0].client_addr, 0))
             raise ValueError
-    assert os.stat(netns.THREAD_NETNS).st_ino == home
+    assert os.stat(THREAD_NETNS).st_ino == home
     with sock, pytest.raises(OSError), socket.socket() as outside:
         outside.bind((lab.paths[0].client_addr, 0))
     with pytest.raises(LabError, match="does not exist"):

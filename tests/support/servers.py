@@ -7,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from tests.support.traffic import CHUNK, listener, recv_until_eof, send_all_and_shut
+from tests.support.traffic import listener, recv_until_eof, send_all_and_shut
 
 
 class HashServer:

@@ -71,6 +71,9 @@ class Reactor:
         self._epoll = select.epoll()
         self._handlers: dict[int, Handler] = {}
         self._masks: dict[int, int] = {}
+        # fds unregistered during the current batch of events: their remaining
+        # events are stale (the number may already belong to a new socket).
+        self._stale: set[int] = set()
         self._timers: list[Timer] = []
         self._seq = itertools.count()
         self._ready: deque[Callable[[], None]] = deque()
@@ -107,10 +110,18 @@ class Reactor:
     def unregister(self, fd: int) -> None:
         if self._handlers.pop(fd, None) is not None:
             self._masks.pop(fd, None)
+            self._stale.add(fd)
             try:
                 self._epoll.unregister(fd)
             except (OSError, ValueError):
                 pass  # already closed: the kernel dropped it from the set
+
+    def forget(self, fd: int) -> None:
+        """Drop ``fd`` that the caller is about to close: closing removes it from
+        the epoll set, so this saves the epoll_ctl(DEL) syscall."""
+        if self._handlers.pop(fd, None) is not None:
+            self._masks.pop(fd, None)
+            self._stale.add(fd)
 
     def is_registered(self, fd: int) -> bool:
         return fd in self._handlers
@@ -207,7 +218,11 @@ class Reactor:
                 except InterruptedError:
                     events = ()
                 self.now = now = monotonic()
+                stale = self._stale
+                stale.clear()
                 for fd, ev in events:
+                    if fd in stale:
+                        continue
                     handler = handlers.get(fd)
                     if handler is not None:
                         handler(ev)

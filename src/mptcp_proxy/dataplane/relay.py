@@ -213,8 +213,10 @@ class Relay:
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
         reactor = self.engine.reactor
-        reactor.register(self.a, 0, self._on_a)
-        reactor.register(self.b, 0, self._on_b)
+        # Read interest from the start (one epoll_ctl per fd); a direction with
+        # bytes from the handshake writes those first (its _pump updates masks).
+        reactor.register(self.a, 0 if self.ab.buf is not None else EPOLLIN, self._on_a)
+        reactor.register(self.b, 0 if self.ba.buf is not None else EPOLLIN, self._on_b)
         if self.engine.idle_timeout:
             self._idle_timer = reactor.call_later(self.engine.idle_timeout, self._check_idle)
         # Deliver bytes a handshake already read; otherwise wait for readiness
@@ -222,8 +224,6 @@ class Relay:
         for d in (self.ab, self.ba):
             if d.buf is not None and not self.closed:
                 self._pump(d)
-        if not self.closed:
-            self._update_masks()
 
     def _on_a(self, events: int) -> None:
         self._on_event(events, self.ab, self.ba)
@@ -452,7 +452,7 @@ class Relay:
                 d.pending = 0
             d.buf = None
         for fd, sock in ((self.a, self.sa), (self.b, self.sb)):
-            reactor.unregister(fd)
+            reactor.forget(fd)  # close() below removes it from the epoll set
             if abort:
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ABORT)

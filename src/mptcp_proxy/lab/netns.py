@@ -16,7 +16,6 @@ Everything here needs root (CAP_SYS_ADMIN). Nothing here knows about labs.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -27,10 +26,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mptcp_proxy.errors import LabError
+from mptcp_proxy.kernel.netns import in_netns
 
 NETNS_RUN_DIR = Path("/run/netns")
-CLONE_NEWNET = 0x40000000  # <sched.h>; Python 3.11 has no os.setns
-THREAD_NETNS = "/proc/thread-self/ns/net"
 THREAD_PROC_NET = Path("/proc/thread-self/net")
 PROC_SYS = Path("/proc/sys")
 
@@ -38,16 +36,6 @@ PROC_SYS = Path("/proc/sys")
 COMMAND_TIMEOUT_S = 30.0
 # How long a SIGKILLed process may take to leave its namespace.
 KILL_WAIT_S = 2.0
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
 
 def ns_path(ns: str) -> Path:
     """The bind mount that names ``ns``."""
@@ -80,15 +68,8 @@ def enter(ns: str) -> Iterator[None]:
     except FileNotFoundError:
         raise LabError(f"network namespace {ns!r} does not exist") from None
     try:
-        home = os.open(THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(target)
-            try:
-                yield
-            finally:
-                _setns(home)
-        finally:
-            os.close(home)
+        with in_netns(target):
+            yield
     finally:
         os.close(target)
 

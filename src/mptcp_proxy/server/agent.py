@@ -49,16 +49,14 @@ path; a kernel matter). ``--no-tfo`` trades the saved round trip for that.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import ipaddress
 import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from mptcp_proxy.config import Endpoint, RelayConfig, UpstreamMode
@@ -66,6 +64,7 @@ from mptcp_proxy.dataplane.connect import ConnectResult, Connector, PendingConne
 from mptcp_proxy.dataplane.reactor import EPOLLIN, EPOLLOUT, Reactor, Timer
 from mptcp_proxy.dataplane.relay import LINGER_ABORT, Relay
 from mptcp_proxy.errors import ConfigError, KernelError
+from mptcp_proxy.kernel import netns
 from mptcp_proxy.kernel.nft import NftTable, check_name
 from mptcp_proxy.kernel.sysctl import read_sysctl
 from mptcp_proxy.modes.client_agent import (
@@ -99,8 +98,6 @@ SOCKS_CLOSE_LINGER = 2.0      # seconds to wait for the application's FIN after 
 DRAIN_READS = 16
 RESOLVER_THREADS = 4
 LISTEN_PORT_TRIES = 16        # ephemeral port free on both 127.0.0.1 and ::1
-THREAD_NETNS = "/proc/thread-self/ns/net"
-CLONE_NEWNET = 0x40000000
 LOCK_PREFIX = "\0mptcp-proxy-client-"
 
 TFO_DATA_NOT_ACKED = 2        # tcpi_fastopen_client_fail (uapi linux/tcp.h)
@@ -236,33 +233,6 @@ def _sockaddr(target: tuple[str, int]) -> tuple[int, tuple]:
     if ":" in host:
         return socket.AF_INET6, (host, port, 0, 0)
     return socket.AF_INET, (host, port)
-
-
-def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise KernelError(f"setns: {os.strerror(err)}")
-
-
-@contextmanager
-def _in_netns(fd: int | None) -> Iterator[None]:
-    """Run the body in the network namespace ``fd`` refers to (None: stay)."""
-    if fd is None:
-        yield
-        return
-    home = os.open(THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        same = os.fstat(home).st_ino == os.fstat(fd).st_ino
-        if not same:
-            _setns(fd)
-        try:
-            yield
-        finally:
-            if not same:
-                _setns(home)
-    finally:
-        os.close(home)
 
 
 def _namespace_lock(table: str) -> socket.socket:
@@ -411,7 +381,7 @@ class ClientAgent(ProxyServer):
     # -- start and stop -----------------------------------------------------
     def start(self) -> "ClientAgent":
         """Resolve converters, open listeners, install the capture table (this thread's netns)."""
-        self._netns_fd = os.open(THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
+        self._netns_fd = netns.open_current()
         try:
             self._lock = _namespace_lock(self.config.table)
             self.converters = self._resolve_converters()
@@ -500,7 +470,7 @@ class ClientAgent(ProxyServer):
         if self.table is None:
             return
         try:
-            with _in_netns(self._netns_fd):
+            with netns.in_netns(self._netns_fd):
                 self.table.remove()
         except KernelError as exc:
             log.error("client: could not remove nftables table %s: %s", self.config.table, exc)

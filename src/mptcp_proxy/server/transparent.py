@@ -21,7 +21,6 @@ and vanishes with its process, keeps two proxies out of one namespace.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import ipaddress
 import logging
@@ -30,15 +29,13 @@ import queue
 import re
 import socket
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from mptcp_proxy.config import Endpoint, RelayConfig, UpstreamMode
 from mptcp_proxy.dataplane.connect import ConnectResult, Connector
 from mptcp_proxy.dataplane.reactor import Reactor
 from mptcp_proxy.errors import ConfigError, KernelError
-from mptcp_proxy.kernel import pm
+from mptcp_proxy.kernel import netns, pm
 from mptcp_proxy.kernel.nft import NftTable, nft, nft_cmd, table_exists
 from mptcp_proxy.kernel.routing import TproxyRoute, TproxyRouting
 from mptcp_proxy.kernel.sysctl import SysctlChanges, read_sysctl, write_sysctl
@@ -64,8 +61,6 @@ log = logging.getLogger("mptcp_proxy.transparent")
 C_BIT_SYSCTL = "net.mptcp.allow_join_initial_addr_port"
 MIN_SUBFLOWS = 2               # joins the proxy accepts per connection (kernel default)
 LOCK_NAME = b"\0mptcp-proxy/transparent"
-_CLONE_NEWNET = 0x40000000
-THREAD_NETNS = "/proc/thread-self/ns/net"
 _TABLE_COMMENT = re.compile(r"\Atable \S+ \S+ \{\n\s*comment \"([^\"]*)\"")
 
 
@@ -171,33 +166,6 @@ class TransparentConfig:
 # --------------------------------------------------------------------------
 # Namespace helpers
 # --------------------------------------------------------------------------
-
-def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise KernelError(f"setns: {os.strerror(err)}")
-
-
-@contextmanager
-def _in_netns(fd: int | None) -> Iterator[None]:
-    """Run the body in the network namespace ``fd`` refers to (None: stay)."""
-    if fd is None:
-        yield
-        return
-    home = os.open(THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        same = os.fstat(home).st_ino == os.fstat(fd).st_ino
-        if not same:
-            _setns(fd)
-        try:
-            yield
-        finally:
-            if not same:
-                _setns(home)
-    finally:
-        os.close(home)
-
 
 def _namespace_lock() -> socket.socket:
     """One transparent proxy per network namespace: an abstract unix socket name."""
@@ -337,7 +305,7 @@ class TransparentServer(ProxyServer):
         Runs in the calling thread's network namespace; everything is undone
         there by :meth:`release_kernel` (also when this raises half-way).
         """
-        self._netns_fd = os.open(THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
+        self._netns_fd = netns.open_current()
         try:
             self._lock = _namespace_lock()
             self.recovered = recover_stale_state()
@@ -417,7 +385,7 @@ class TransparentServer(ProxyServer):
         errors: list[str] = []
         if self.bypass is not None:
             self.bypass.close()
-        with _in_netns(self._netns_fd):
+        with netns.in_netns(self._netns_fd):
             steps = [self._pm.restore, self._sysctls.restore]
             if self.table is not None:
                 steps.append(self.table.remove)
