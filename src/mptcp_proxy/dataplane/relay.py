@@ -336,7 +336,10 @@ class Relay:
                 d.eof = True
                 other = self.ba if d is self.ab else self.ab
                 if not other.eof and self.engine.observer is not None:
-                    self.engine.observer.relay_first_eof(self)
+                    try:
+                        self.engine.observer.relay_first_eof(self)
+                    except Exception:  # an observer bug must not stop the loop
+                        log.exception("relay observer failed in relay_first_eof")
 
     def _read_copy(self, d: Direction) -> int:
         """Read one chunk into ``d.buf``: >0 bytes, 0 EOF, -1 would block, -2 failed."""

@@ -173,8 +173,7 @@ class ProxyServer:
     def _on_signal(self, signum: int) -> None:
         if self._draining:
             log.info("second signal: closing %d connections now", self.open_sessions)
-            self.engine.close_all()
-            self.reactor.stop()
+            self._finish_drain()  # handshakes in progress too, not only relays
             return
         log.info("%s: stopping; draining %d connections (up to %.0fs)",
                  signal.Signals(signum).name, self.open_sessions, self.drain_timeout)
@@ -229,15 +228,21 @@ class ProxyServer:
                                 errno.errorcode.get(exc.errno or 0), ACCEPT_PAUSE)
                     self._pause_accept(ACCEPT_PAUSE)
                     return
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue  # the client gave up before we got to it
-                raise
+                if exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    # Unknown: log it, never let one accept() stop the proxy.
+                    log.warning("accept: %s", exc)
+                continue  # the client gave up before we got to it
+            try:
+                sock.setblocking(False)
+                # Accepted MPTCP sockets do not inherit it; without it a small write
+                # after a reply waits ~40 ms for a delayed ACK (KERNEL-FACTS.md).
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError as exc:  # reset before we saw it
+                log.debug("accepted socket unusable: %s", exc)
+                sock.close()
+                continue
             self.stats.accepted += 1
             self.open_sessions += 1
-            sock.setblocking(False)
-            # Accepted MPTCP sockets do not inherit it; without it a small write
-            # after a reply waits ~40 ms for a delayed ACK (KERNEL-FACTS.md).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             session = new_session(next(self._ids), format_addr(addr))
             try:
                 self.handle_accept(sock, addr, session)

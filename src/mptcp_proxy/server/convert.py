@@ -137,6 +137,7 @@ class ConvertServer(ProxyServer):
         self.pending_by_client: dict[IPAddress, int] = {}
         self._refresh_timer: Timer | None = None
         self._listen_mptcp = False
+        self._early_sent: dict[int, int] = {}  # session id -> client bytes sent in the upstream SYN
 
     # -- lifecycle ------------------------------------------------------------
     def start(self, reuseport: bool = False) -> "ConvertServer":
@@ -339,8 +340,15 @@ class ConvertServer(ProxyServer):
         self._forget(p)
         p.state = _DONE
         rest = p.handshake.early_data[result.early_sent:]
+        if result.early_sent:
+            # Already delivered upstream (TFO): they count in bytes_up like relayed ones.
+            self._early_sent[p.session.id] = result.early_sent
         self.start_relay(p.sock, result, p.session, initial_to_upstream=rest,
                          initial_to_client=action.reply)
+
+    def relay_closed(self, relay) -> None:  # type: ignore[no-untyped-def]
+        relay.ab.bytes += self._early_sent.pop(relay.meta.id, 0)
+        super().relay_closed(relay)
 
     def _reply_and_close(self, p: _Pending, reply: bytes,
                          action: ReplyAndClose | CloseQuietly) -> None:

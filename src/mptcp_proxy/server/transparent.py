@@ -453,10 +453,12 @@ class TransparentServer(ProxyServer):
             self.pending[session.id] = (pending, sock, session)
 
     def abort_pending(self) -> None:
-        for pending, sock, session in list(self.pending.values()):
+        # Pop before rejecting: the last reject may end the drain, which calls
+        # abort_pending again (a session left in the dict would be closed twice).
+        while self.pending:
+            _, (pending, sock, session) = self.pending.popitem()
             pending.cancel()
             self.reject(sock, session, "shutdown")
-        self.pending.clear()
 
 
 def _is_local(host: str) -> bool:
