@@ -91,6 +91,12 @@ class Reactor:
 
     # -- file descriptors -------------------------------------------------
     def register(self, fd: int, mask: int, handler: Handler) -> None:
+        """Watch ``fd``; an fd already watched changes owner (one epoll_ctl MOD:
+        a handshake hands its socket to the relay without a DEL and an ADD)."""
+        if fd in self._handlers:
+            self._handlers[fd] = handler
+            self.set_mask(fd, mask)
+            return
         self._epoll.register(fd, mask)
         self._handlers[fd] = handler
         self._masks[fd] = mask

@@ -679,6 +679,20 @@ def tcp_state(sock: FdLike) -> int:
         return data[0]
 
 
+def tcp_options(sock: FdLike) -> tuple[int, int]:
+    """(``tcpi_options`` bits, ``tcpi_snd_wscale``) from the first 8 bytes of TCP_INFO.
+
+    For per-connection paths that need one bit (TCPI_OPT_SYN_DATA, SACK, ...):
+    a full :func:`tcp_info` parse costs tens of microseconds.
+    """
+    data = _getsockopt_bytes(_sock_or_fd(sock), SOL_TCP, TCP_INFO, 8)
+    if len(data) < 7:
+        raise SockInfoError("TCP_INFO shorter than 7 bytes")
+    snd_wscale, _rcv, _app_limited, _fail = _bitfields(data[6], data[7] if len(data) > 7 else 0,
+                                                      sys.byteorder)
+    return data[5], snd_wscale
+
+
 def tcp_info(sock: FdLike) -> TcpInfo:
     """``TCP_INFO`` (of the first subflow on an MPTCP socket)."""
     return parse_tcp_info(_getsockopt_bytes(_fd(sock), SOL_TCP, TCP_INFO, _TCP_INFO_REQUEST))

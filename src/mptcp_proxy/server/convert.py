@@ -45,7 +45,10 @@ from mptcp_proxy.modes.convert import (
     OpenUpstream, ReplyAndClose, StartRelay, TokenBucket, UpstreamFailure, UpstreamFailureKind,
 )
 from mptcp_proxy.modes.policy import ClientPolicy, IPAddress, TargetPolicy, normalize, parse_address
-from mptcp_proxy.observe.sockinfo import IPPROTO_MPTCP, SockInfoError, mptcp_info, tcp_info
+from mptcp_proxy.observe.sockinfo import (
+    IPPROTO_MPTCP, TCPI_OPT_SACK, TCPI_OPT_SYN_DATA, TCPI_OPT_TIMESTAMPS, TCPI_OPT_WSCALE,
+    SockInfoError, mptcp_info, tcp_options,
+)
 from mptcp_proxy.server.base import ProxyServer, Session, format_addr, open_listener
 from mptcp_proxy.wire.convert import TcpOptionKind
 
@@ -260,6 +263,10 @@ class ConvertServer(ProxyServer):
     def _on_client_event(self, p: _Pending, events: int) -> None:
         if p.state == _READING:
             self._read_client(p)
+        elif p.state == _CONNECTING:
+            # Parked socket reporting ERR/HUP (epoll ignores the empty mask for
+            # those): stop watching; the relay or the reply sees the error later.
+            self._unregister(p)
         elif p.state == _CLOSING:
             if p.out:
                 self._flush(p)
@@ -302,7 +309,10 @@ class ConvertServer(ProxyServer):
 
     def _open_upstream(self, p: _Pending, action: OpenUpstream) -> None:
         self._cancel_deadline(p)
-        self._unregister(p)  # not read again until the relay owns it
+        # Not read again until the relay owns it: parked with no interest (the
+        # relay's register() then costs one epoll_ctl MOD, not DEL + ADD).
+        if p.registered:
+            self.reactor.set_mask(p.fd, 0)
         p.state = _CONNECTING
         if action.address.version == 6:
             family, sockaddr = socket.AF_INET6, (str(action.address), action.port, 0, 0)
@@ -339,6 +349,7 @@ class ConvertServer(ProxyServer):
         assert result is not None  # StartRelay follows a successful connect
         self._forget(p)
         p.state = _DONE
+        p.registered = False  # the relay takes the fd over (register() re-owns it)
         rest = p.handshake.early_data[result.early_sent:]
         if result.early_sent:
             # Already delivered upstream (TFO): they count in bytes_up like relayed ones.
@@ -363,9 +374,9 @@ class ConvertServer(ProxyServer):
                 self.convert_stats.rate_limited += 1
                 p.session.extra["reply"] = "rate-limited"  # type: ignore[index]
                 reply = b""
-        if not p.registered:
-            self.reactor.register(p.fd, EPOLLIN, lambda ev, p=p: self._on_client_event(p, ev))
-            p.registered = True
+        # (Re-)arm read interest: the socket may be parked with none while connecting.
+        self.reactor.register(p.fd, EPOLLIN, lambda ev, p=p: self._on_client_event(p, ev))
+        p.registered = True
         p.out = reply
         p.linger = self.reactor.call_later(CLOSE_LINGER, lambda: self._finish(p))
         self._flush(p)
@@ -485,15 +496,17 @@ def apply_tfo_sysctls(changes: SysctlChanges, config: ConvertConfig) -> None:
 def _accepted_with_syn_data(sock: socket.socket) -> bool:
     """TCPI_OPT_SYN_DATA: the client's SYN carried data the kernel accepted."""
     try:
-        return tcp_info(sock).has_syn_data
+        return bool(tcp_options(sock)[0] & TCPI_OPT_SYN_DATA)
     except (OSError, SockInfoError):
         return False
 
 
 def negotiated_options(sock: socket.socket, mptcp: bool) -> tuple[Negotiated, bool]:
-    """(what the kernel negotiated with the server, whether its SYN data was acked)."""
+    """(what the kernel negotiated with the server, whether its SYN data was acked).
+
+    Reads 8 bytes of TCP_INFO, not the whole struct: this runs per connection."""
     try:
-        info = tcp_info(sock)
+        options, snd_wscale = tcp_options(sock)
     except (OSError, SockInfoError):
         return Negotiated(mptcp=mptcp), False
     checksum = False
@@ -504,10 +517,11 @@ def negotiated_options(sock: socket.socket, mptcp: bool) -> tuple[Negotiated, bo
             minfo = None
         checksum = bool(minfo is not None and minfo.csum_enabled)
     negotiated = Negotiated(
-        mptcp=mptcp, sack=info.has_sack, timestamps=info.has_timestamps,
-        window_scale=info.snd_wscale if info.has_wscale else None,
+        mptcp=mptcp, sack=bool(options & TCPI_OPT_SACK),
+        timestamps=bool(options & TCPI_OPT_TIMESTAMPS),
+        window_scale=snd_wscale if options & TCPI_OPT_WSCALE else None,
         mptcp_checksum=checksum)
-    return negotiated, info.has_syn_data
+    return negotiated, bool(options & TCPI_OPT_SYN_DATA)
 
 
 def upstream_failure(error: UpstreamError) -> UpstreamFailure:

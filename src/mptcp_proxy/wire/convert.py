@@ -390,6 +390,9 @@ class InfoTlv:
         return _tlv(self.TYPE, _ZERO16)
 
 
+_V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"   # ::ffff:0:0/96 (RFC 4291 §2.5.5.2)
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectTlv:
     """Where the converter should connect, and which TCP options to ask for (RFC 8803 §4.2.5).
@@ -429,7 +432,7 @@ class ConnectTlv:
     def address_bytes(self) -> bytes:
         """The 128-bit wire form: IPv4 as IPv4-mapped IPv6 (RFC 8803 §4.2.5)."""
         if isinstance(self.address, ipaddress.IPv4Address):
-            return ipaddress.IPv6Address(f"::ffff:{self.address}").packed
+            return _V4_MAPPED_PREFIX + self.address.packed
         return self.address.packed
 
     def encode(self) -> bytes:
