@@ -56,9 +56,6 @@ class Timer:
         self.cancelled = True
         self.callback = _noop
 
-    def __lt__(self, other: "Timer") -> bool:
-        return (self.when, self.seq) < (other.when, other.seq)
-
 
 def _noop() -> None:
     return None
@@ -74,7 +71,8 @@ class Reactor:
         # fds unregistered during the current batch of events: their remaining
         # events are stale (the number may already belong to a new socket).
         self._stale: set[int] = set()
-        self._timers: list[Timer] = []
+        # Heap of (when, seq, timer): tuples compare in C, a Python __lt__ does not.
+        self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self._ready: deque[Callable[[], None]] = deque()
         self._threadsafe: deque[Callable[[], None]] = deque()
@@ -137,13 +135,12 @@ class Reactor:
         self._ready.append(callback)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(self.now + max(0.0, delay), callback, next(self._seq))
-        heapq.heappush(self._timers, timer)
-        return timer
+        return self.call_at(self.now + max(0.0, delay), callback)
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(when, callback, next(self._seq))
-        heapq.heappush(self._timers, timer)
+        seq = next(self._seq)
+        timer = Timer(when, callback, seq)
+        heapq.heappush(self._timers, (when, seq, timer))
         return timer
 
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
@@ -216,7 +213,7 @@ class Reactor:
                 if ready:
                     timeout = 0.0
                 elif timers:
-                    timeout = max(0.0, timers[0].when - monotonic())
+                    timeout = max(0.0, timers[0][0] - monotonic())
                 else:
                     timeout = -1
                 try:
@@ -232,8 +229,8 @@ class Reactor:
                     handler = handlers.get(fd)
                     if handler is not None:
                         handler(ev)
-                while timers and timers[0].when <= now:
-                    timer = heapq.heappop(timers)
+                while timers and timers[0][0] <= now:
+                    timer = heapq.heappop(timers)[2]
                     if not timer.cancelled:
                         ready.append(timer.callback)
                 for _ in range(len(ready)):
