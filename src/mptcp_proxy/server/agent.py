@@ -77,7 +77,9 @@ from mptcp_proxy.modes.convert_client import (
 )
 from mptcp_proxy.modes.socks5 import Socks5Error, Socks5Handshake, Socks5Reply
 from mptcp_proxy.observe.sockinfo import SockInfoError, parse_sockaddr, tcp_info
-from mptcp_proxy.server.base import ProxyServer, Session, format_addr, open_listener
+from mptcp_proxy.server.base import (
+    ProxyServer, Session, drain_until_eof, format_addr, open_listener,
+)
 from mptcp_proxy.wire.convert import ConvertProtocolError
 
 log = logging.getLogger("mptcp_proxy.client")
@@ -695,18 +697,8 @@ class ClientAgent(ProxyServer):
 
     def _drain(self, conn: _Conn) -> None:
         """Read and drop until the FIN: closing with unread data would send a RST."""
-        for _ in range(DRAIN_READS):
-            try:
-                data = conn.app.recv(READ_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                break
-            if not data:
-                break
-        else:
-            return  # still readable; level-triggered epoll calls again
-        self._finish(conn, conn.last_error, abort=False)
+        if drain_until_eof(conn.app, DRAIN_READS, READ_SIZE):
+            self._finish(conn, conn.last_error, abort=False)
 
     # -- toward the target ------------------------------------------------------
     def _open(self, conn: _Conn) -> None:

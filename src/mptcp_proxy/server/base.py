@@ -346,6 +346,24 @@ class ProxyServer:
             self._finish_drain()
 
 
+def drain_until_eof(sock: socket.socket, reads: int, size: int) -> bool:
+    """Read and drop (after an error reply) so that closing sends a FIN, not a RST.
+
+    True once the peer's FIN (or an error) arrived: close now. False while more
+    may come: a level-triggered reader calls again when it is readable.
+    """
+    for _ in range(reads):
+        try:
+            data = sock.recv(size)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        if not data:
+            return True
+    return False
+
+
 def _safe_is_mptcp(sock: socket.socket) -> bool:
     try:
         return is_mptcp(sock)

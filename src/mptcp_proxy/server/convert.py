@@ -49,7 +49,9 @@ from mptcp_proxy.observe.sockinfo import (
     IPPROTO_MPTCP, TCPI_OPT_SACK, TCPI_OPT_SYN_DATA, TCPI_OPT_TIMESTAMPS, TCPI_OPT_WSCALE,
     SockInfoError, mptcp_info, tcp_options,
 )
-from mptcp_proxy.server.base import ProxyServer, Session, format_addr, open_listener
+from mptcp_proxy.server.base import (
+    ProxyServer, Session, drain_until_eof, format_addr, open_listener,
+)
 from mptcp_proxy.wire.convert import TcpOptionKind
 
 log = logging.getLogger("mptcp_proxy.convert")
@@ -404,18 +406,8 @@ class ConvertServer(ProxyServer):
 
     def _drain(self, p: _Pending) -> None:
         """Read and drop until the client's FIN: closing with unread data sends a RST."""
-        for _ in range(DRAIN_READS):
-            try:
-                data = p.sock.recv(READ_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                break
-            if not data:
-                break
-        else:
-            return  # still readable; level-triggered epoll calls again
-        self._finish(p)
+        if drain_until_eof(p.sock, DRAIN_READS, READ_SIZE):
+            self._finish(p)
 
     def _finish(self, p: _Pending) -> None:
         if p.state == _DONE:
