@@ -11,7 +11,7 @@ import pytest
 
 from mptcp_proxy.lab import Lab, PathSpec
 from mptcp_proxy.wire.convert import ConvertErrorCode
-from tests.integration.test_convert import (
+from tests.support.convert_env import (
     DOWN, SERVER_PORT, ConvertEnv, expect_error, read_reply, recv_all, request, tfo_send,
     wait_for,
 )

@@ -18,7 +18,6 @@ import time
 import pytest
 
 from mptcp_proxy.config import Endpoint, RelayConfig
-from mptcp_proxy.lab import Lab, PathSpec
 from mptcp_proxy.modes.policy import parse_networks
 from mptcp_proxy.wire.convert import (
     MAGIC,
@@ -29,9 +28,10 @@ from mptcp_proxy.wire.convert import (
     InfoTlv,
     TcpOption,
 )
-from tests.integration.test_convert import (
+from tests.support.convert_env import (  # noqa: F401  (env and conn_log are fixtures)
+    conn_log,
+    env,
     DOWN,
-    MPTCP_SERVER_PORT,
     SERVER_PORT,
     ConvertEnv,
     GoodClient,
@@ -43,7 +43,6 @@ from tests.integration.test_convert import (
     tfo_send,
     wait_for,
 )
-from tests.support.servers import HashServer
 from tests.support.traffic import listener, payload, sha256
 
 pytestmark = [
@@ -59,30 +58,6 @@ SECRET = b"bad-input-secret-0123456789"
 
 def header(total_words: int, version: int = 1, magic: int = MAGIC) -> bytes:
     return HEADER.pack(version, total_words, magic)
-
-
-@pytest.fixture(scope="module")
-def env():
-    with Lab.create(paths=[PathSpec()]) as lab:
-        with lab.server.enter():
-            tcp = HashServer(lab.server_addr, mptcp=False, port=SERVER_PORT,
-                             reply_fn=lambda i: DOWN)
-            mp = HashServer(lab.server_addr, mptcp=True, port=MPTCP_SERVER_PORT,
-                            reply_fn=lambda i: DOWN)
-        e = ConvertEnv(lab, tcp, mp)
-        try:
-            yield e
-        finally:
-            e.stop()
-            tcp.close()
-            mp.close()
-
-
-@pytest.fixture
-def conn_log(caplog):
-    import logging
-    caplog.set_level(logging.INFO, logger="mptcp_proxy.conn")
-    return caplog
 
 
 def start(env: ConvertEnv, **kw):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from tests.integration.test_convert import (  # noqa: F401  (env is a fixture)
+from tests.support.convert_env import (  # noqa: F401  (env is a fixture)
     DOWN, TCP_FASTOPEN, env, read_reply, recv_all, request, tfo_send,
 )
 from tests.support.servers import HashServer
