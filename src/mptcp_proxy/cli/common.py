@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mptcp_proxy.config import RelayConfig
+from mptcp_proxy.config import RelayConfig, UpstreamMode
 from mptcp_proxy.errors import ConfigError
 
 
@@ -27,6 +27,26 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
                        help="do not log one line per connection")
     group.add_argument("--workers", type=int, default=1, metavar="N",
                        help="worker processes sharing the port with SO_REUSEPORT (default 1)")
+
+
+def add_upstream_options(parser: argparse.ArgumentParser, peer: str = "target") -> None:
+    """``--upstream`` and ``--tcp-only-ttl``: how every mode connects onward."""
+    parser.add_argument("--upstream", default="auto", metavar="auto|mptcp|tcp",
+                        help=f"protocol toward the {peer} (default auto: MPTCP first; a {peer} "
+                             "that falls back is remembered and reached with TCP)")
+    parser.add_argument("--tcp-only-ttl", type=float, default=600.0, metavar="SECONDS",
+                        help=f"auto mode: how long a {peer} that fell back stays TCP-only")
+
+
+def server_settings(args: argparse.Namespace) -> dict:
+    """Settings every proxying mode's config takes, from the shared options."""
+    return {
+        "upstream": UpstreamMode.parse(args.upstream),
+        "relay": relay_config(args),
+        "drain_timeout": args.drain_timeout,
+        "tcp_only_ttl": args.tcp_only_ttl,
+        "log_connections": not args.no_conn_log,
+    }
 
 
 def check_workers(args: argparse.Namespace, listen_port: int) -> int:

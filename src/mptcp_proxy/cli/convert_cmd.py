@@ -6,8 +6,8 @@ import argparse
 import dataclasses
 import logging
 
-from mptcp_proxy.cli.common import add_relay_options, check_workers, relay_config
-from mptcp_proxy.config import Endpoint, UpstreamMode
+from mptcp_proxy.cli.common import add_relay_options, add_upstream_options, check_workers, server_settings
+from mptcp_proxy.config import Endpoint
 from mptcp_proxy.config_convert import ConvertConfig, load_cookie_secret
 from mptcp_proxy.modes.policy import DEFAULT_CLIENT_NETWORKS, parse_networks
 
@@ -55,11 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="open handshakes per client address; above: Error 64 (default 64)")
     p.add_argument("--no-sysctl", action="store_true",
                    help="do not touch net.ipv4.tcp_fastopen (set it yourself: 3)")
-    p.add_argument("--upstream", default="auto", metavar="auto|mptcp|tcp",
-                   help="protocol toward the servers (default auto: MPTCP, remembering "
-                        "servers that fall back and using TCP for them)")
-    p.add_argument("--tcp-only-ttl", type=float, default=600.0, metavar="SECONDS",
-                   help="auto mode: how long a server that fell back stays TCP-only")
+    add_upstream_options(p, "server")
     add_relay_options(p)
     p.set_defaults(func=run)
 
@@ -81,11 +77,7 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
         error_burst=args.error_burst,
         max_pending_per_client=args.max_pending_per_client,
         manage_sysctls=not args.no_sysctl,
-        upstream=UpstreamMode.parse(args.upstream),
-        relay=relay_config(args),
-        drain_timeout=args.drain_timeout,
-        tcp_only_ttl=args.tcp_only_ttl,
-        log_connections=not args.no_conn_log,
+        **server_settings(args),
     )
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mptcp_proxy.cli.common import add_relay_options, check_workers, relay_config
-from mptcp_proxy.config import Endpoint, ForwardConfig, UpstreamMode
+from mptcp_proxy.cli.common import add_relay_options, add_upstream_options, check_workers, server_settings
+from mptcp_proxy.config import Endpoint, ForwardConfig
 
 log = logging.getLogger("mptcp_proxy.cli")
 
@@ -19,11 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", required=True, metavar="ADDR:PORT",
                    help="address to listen on, e.g. 0.0.0.0:8080 or [::]:8080")
     p.add_argument("--to", required=True, metavar="HOST:PORT", help="target server")
-    p.add_argument("--upstream", default="auto", metavar="auto|mptcp|tcp",
-                   help="protocol toward the target (default auto: MPTCP, remembering "
-                        "targets that fall back and using TCP for them)")
-    p.add_argument("--tcp-only-ttl", type=float, default=600.0, metavar="SECONDS",
-                   help="auto mode: how long a target that fell back stays TCP-only")
+    add_upstream_options(p, "target")
     add_relay_options(p)
     p.set_defaults(func=run)
 
@@ -32,11 +28,7 @@ def config_from_args(args: argparse.Namespace) -> ForwardConfig:
     return ForwardConfig(
         listen=Endpoint.parse(args.listen, "--listen", default_host="0.0.0.0"),
         target=Endpoint.parse(args.to, "--to"),
-        upstream=UpstreamMode.parse(args.upstream),
-        relay=relay_config(args),
-        drain_timeout=args.drain_timeout,
-        tcp_only_ttl=args.tcp_only_ttl,
-        log_connections=not args.no_conn_log,
+        **server_settings(args),
     )
 
 

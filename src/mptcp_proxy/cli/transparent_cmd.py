@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mptcp_proxy.cli.common import add_relay_options, relay_config
-from mptcp_proxy.config import UpstreamMode
+from mptcp_proxy.cli.common import add_relay_options, add_upstream_options, server_settings
 from mptcp_proxy.errors import ConfigError
 from mptcp_proxy.modes.transparent import (
     DEFAULT_ANNOUNCE_PORT,
@@ -51,14 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "proxy's, crosses this host")
     p.add_argument("--tproxy-port", type=int, default=DEFAULT_TPROXY_PORT, metavar="PORT",
                    help=f"local port of the interception listener (default {DEFAULT_TPROXY_PORT})")
-    p.add_argument("--upstream", default="auto", metavar="auto|mptcp|tcp",
-                   help="protocol toward servers (default auto: MPTCP first, servers that "
-                        "fall back are remembered and reached with TCP)")
+    add_upstream_options(p, "server")
     p.add_argument("--keep-client-address", action="store_true",
                    help="connect to servers from the client's address (IP_TRANSPARENT) "
                         "instead of this host's; replies must route back through this host")
-    p.add_argument("--tcp-only-ttl", type=float, default=600.0, metavar="SECONDS",
-                   help="auto upstream: how long a server that fell back stays TCP-only")
     p.add_argument("--fwmark", type=_integer, default=DEFAULT_FWMARK,
                    metavar="MARK", help=f"fwmark of diverted packets (default {DEFAULT_FWMARK:#x})")
     p.add_argument("--route-table", type=int, default=DEFAULT_ROUTE_TABLE, metavar="N",
@@ -86,14 +81,10 @@ def config_from_args(args: argparse.Namespace):
         bypass_ttl=args.bypass_ttl,
         tproxy_port=args.tproxy_port,
         interfaces=tuple(args.interface),
-        upstream=UpstreamMode.parse(args.upstream),
         keep_client_address=args.keep_client_address,
         fwmark=args.fwmark,
         route_table=args.route_table,
-        relay=relay_config(args),
-        drain_timeout=args.drain_timeout,
-        tcp_only_ttl=args.tcp_only_ttl,
-        log_connections=not args.no_conn_log,
+        **server_settings(args),
     )
 
 
