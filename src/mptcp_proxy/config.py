@@ -116,14 +116,10 @@ class RelayConfig:
             raise ConfigError("max-connections", "must be >= 0")
 
 
-@dataclass(frozen=True)
-class ForwardConfig:
-    """``mptcp-proxy forward``: an MPTCP front door for one TCP target."""
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    """Settings every proxying mode shares; mode configs extend it."""
 
-    listen: Endpoint
-    """Address the MPTCP listener binds to."""
-    target: Endpoint
-    """Where every connection is forwarded."""
     upstream: UpstreamMode = UpstreamMode.AUTO
     """Protocol toward the target."""
     relay: RelayConfig = field(default_factory=RelayConfig)
@@ -141,6 +137,21 @@ class ForwardConfig:
         if self.backlog < 1:
             raise ConfigError("backlog", "must be >= 1")
         if self.drain_timeout < 0:
-            raise ConfigError("drain-timeout", "must be >= 0")
+            raise ConfigError("--drain-timeout", "must be >= 0")
+        if self.tcp_only_ttl < 0:
+            raise ConfigError("--tcp-only-ttl", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ForwardConfig(ServerSettings):
+    """``mptcp-proxy forward``: an MPTCP front door for one TCP target."""
+
+    listen: Endpoint
+    """Address the MPTCP listener binds to."""
+    target: Endpoint
+    """Where every connection is forwarded."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.target.port == 0:
             raise ConfigError("--to", "target port 0 is not connectable")

@@ -11,7 +11,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from mptcp_proxy.config import Endpoint, RelayConfig, UpstreamMode
+from mptcp_proxy.config import Endpoint, ServerSettings
 from mptcp_proxy.errors import ConfigError
 from mptcp_proxy.modes.convert import (
     DEFAULT_COOKIE_WINDOW_S, DEFAULT_NETWORK_RETRY_S, MIN_COOKIE_SECRET_LEN,
@@ -24,7 +24,7 @@ MAX_COOKIE_SECRET_FILE = 4096
 
 
 @dataclass(frozen=True)
-class ConvertConfig:
+class ConvertConfig(ServerSettings):
     """``mptcp-proxy convert``: an RFC 8803 Transport Converter."""
 
     listen: Endpoint
@@ -65,20 +65,9 @@ class ConvertConfig:
     """Retry delay (s) suggested with Network Failure (65)."""
     manage_sysctls: bool = True
     """Set net.ipv4.tcp_fastopen bits on start, restore them on exit."""
-    upstream: UpstreamMode = UpstreamMode.AUTO
-    """Protocol toward the targets."""
-    relay: RelayConfig = field(default_factory=RelayConfig)
-    """Data-plane settings."""
-    backlog: int = 4096
-    """listen(2) backlog."""
-    drain_timeout: float = 10.0
-    """On SIGTERM/SIGINT, wait this long for open connections before closing them."""
-    tcp_only_ttl: float = 600.0
-    """In auto mode, remember a target that fell back to TCP for this many seconds."""
-    log_connections: bool = True
-    """Log one line per connection at close."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.allow_clients:
             raise ConfigError("--allow", "no client network allowed: nobody could connect")
         if self.cookie_secret is not None and len(self.cookie_secret) < MIN_COOKIE_SECRET_LEN:
@@ -98,10 +87,6 @@ class ConvertConfig:
             raise ConfigError("--max-pending-per-client", "must be >= 1")
         if not 0 <= self.network_retry <= 255:
             raise ConfigError("--network-retry", "must be between 0 and 255 seconds")
-        if self.backlog < 1:
-            raise ConfigError("backlog", "must be >= 1")
-        if self.drain_timeout < 0:
-            raise ConfigError("drain-timeout", "must be >= 0")
 
 
 def load_cookie_secret(path: str, key: str = "--cookie-secret") -> bytes:

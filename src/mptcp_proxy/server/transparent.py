@@ -31,7 +31,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 
-from mptcp_proxy.config import Endpoint, RelayConfig, UpstreamMode
+from mptcp_proxy.config import Endpoint, ServerSettings
 from mptcp_proxy.dataplane.connect import ConnectResult, Connector
 from mptcp_proxy.dataplane.reactor import Reactor
 from mptcp_proxy.errors import ConfigError, KernelError
@@ -105,7 +105,7 @@ def _port(text: str, key: str, whole: str) -> int:
 
 
 @dataclass(frozen=True)
-class TransparentConfig:
+class TransparentConfig(ServerSettings):
     """``mptcp-proxy transparent``: intercept MPTCP SYNs crossing this host."""
 
     ports: PortSet = field(default_factory=PortSet)
@@ -119,26 +119,15 @@ class TransparentConfig:
     """Port of the IP_TRANSPARENT listener that diverted SYNs are sent to."""
     interfaces: tuple[str, ...] = ()
     """Intercept only SYNs arriving on these interfaces (empty: any but lo)."""
-    upstream: UpstreamMode = UpstreamMode.AUTO
-    """Protocol toward servers (auto: MPTCP first, fallen-back servers remembered)."""
     keep_client_address: bool = False
     """Connect upstream from the client's address (IP_TRANSPARENT) instead of the proxy's."""
     fwmark: int = DEFAULT_FWMARK
     """fwmark of diverted packets (routed by the local policy rule)."""
     route_table: int = DEFAULT_ROUTE_TABLE
     """Routing table holding the local default route for marked packets."""
-    relay: RelayConfig = field(default_factory=RelayConfig)
-    """Data-plane settings."""
-    backlog: int = 4096
-    """listen(2) backlog."""
-    drain_timeout: float = 10.0
-    """On SIGTERM/SIGINT, wait this long for open connections before closing them."""
-    tcp_only_ttl: float = 600.0
-    """In auto mode, remember a server that fell back to TCP for this many seconds."""
-    log_connections: bool = True
-    """Log one line per connection at close."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # InterceptRules validates the port, mark, TTL and interface names.
         InterceptRules(tproxy_port=self.tproxy_port, ports=self.ports,
                        interfaces=self.interfaces, mark=self.fwmark,
@@ -147,12 +136,6 @@ class TransparentConfig:
             TproxyRoute(self.fwmark, self.route_table)
         except KernelError as exc:
             raise ConfigError("--route-table", str(exc)) from None
-        if self.backlog < 1:
-            raise ConfigError("backlog", "must be >= 1")
-        if self.drain_timeout < 0:
-            raise ConfigError("--drain-timeout", "must be >= 0")
-        if self.tcp_only_ttl < 0:
-            raise ConfigError("--tcp-only-ttl", "must be >= 0")
         seen = set()
         for a in self.announce:
             if (a.address, a.port) in seen:
