@@ -38,9 +38,9 @@ def test_shutdown_with_pending_connects_closes_each_session_once():
         for _ in range(3):
             clients.append(socket.create_connection(proxy.addr))
         deadline = time.monotonic() + 5
-        while len(server.pending) < 3 and time.monotonic() < deadline:
+        while server.connecting < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert len(server.pending) == 3
+        assert server.connecting == 3
         proxy.stop()
         assert not proxy.thread.is_alive()
         ids = [c.session.id for c in proxy.closed]

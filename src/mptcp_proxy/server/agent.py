@@ -505,6 +505,7 @@ class ClientAgent(ProxyServer):
         self._close_everything()
 
     def abort_pending(self) -> None:
+        super().abort_pending()
         for conn in list(self.pending.values()):
             self._release(conn)
             self._finish(conn, "shutdown", abort=True)

@@ -15,9 +15,10 @@ import signal
 import socket
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 from mptcp_proxy.config import Endpoint, RelayConfig
-from mptcp_proxy.dataplane.connect import ConnectResult
+from mptcp_proxy.dataplane.connect import ConnectResult, Connector
 from mptcp_proxy.dataplane.pipes import RESOURCE_ERRNOS
 from mptcp_proxy.dataplane.reactor import EPOLLIN, Reactor, Timer
 from mptcp_proxy.dataplane.relay import LINGER_ABORT, Relay, RelayEngine
@@ -146,6 +147,10 @@ class ProxyServer:
         self._draining = False
         self._drain_timer: Timer | None = None
         self.started = threading.Event()
+        # Upstream connects in flight for connect_and_relay: id -> (pending, sock, session).
+        self._connecting: dict[int, tuple] = {}
+        # Set by modes that connect upstream (connect_and_relay uses it).
+        self.connector: Connector | None = None
         # Called with (session, reason, bytes_up, bytes_down, duration) at every close.
         self.session_listeners: list = []
         nofile = raise_fd_limit()
@@ -202,7 +207,39 @@ class ProxyServer:
         self.reactor.stop()
 
     def abort_pending(self) -> None:
-        """Close connections still in their handshake (modes override)."""
+        """Close connections still in their handshake (modes with handshakes of
+        their own extend this). Pop before rejecting: the last reject may end
+        the drain, which calls abort_pending again."""
+        while self._connecting:
+            _, (pending, sock, session) = self._connecting.popitem()
+            pending.cancel()
+            self.reject(sock, session, "shutdown")
+
+    @property
+    def connecting(self) -> int:
+        """Upstream connects in flight (connect_and_relay)."""
+        return len(self._connecting)
+
+    def connect_and_relay(self, sock: socket.socket, session: Session, family: int,
+                          sockaddr: tuple, *, source: tuple | None = None,
+                          before_relay: Callable[[ConnectResult], None] | None = None) -> None:
+        """Connect upstream with ``self.connector``; relay on success, reset the
+        client on failure (as the server itself would have), log either way."""
+        started = self.reactor.now
+
+        def connected(result: ConnectResult) -> None:
+            self._connecting.pop(session.id, None)
+            if result.error is not None:
+                self.reject(sock, session, f"upstream-{result.error.reason}",
+                            duration=self.reactor.now - started)
+                return
+            if before_relay is not None:
+                before_relay(result)
+            self.start_relay(sock, result, session)
+
+        pending = self.connector.connect(family, sockaddr, connected, source=source)
+        if pending is not None:
+            self._connecting[session.id] = (pending, sock, session)
 
     def _close_everything(self) -> None:
         for sock in self.listeners:

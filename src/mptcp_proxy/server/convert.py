@@ -446,6 +446,7 @@ class ConvertServer(ProxyServer):
                     duration=self.reactor.now - p.started)
 
     def abort_pending(self) -> None:
+        super().abort_pending()
         for p in list(self.pending.values()):
             self._abort(p, "shutdown")
         if self._refresh_timer is not None:

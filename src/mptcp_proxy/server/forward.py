@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 from mptcp_proxy.config import ForwardConfig
-from mptcp_proxy.dataplane.connect import ConnectResult, Connector
+from mptcp_proxy.dataplane.connect import Connector
 from mptcp_proxy.dataplane.reactor import Reactor
 from mptcp_proxy.server.base import ProxyServer, Session, open_listener
 
@@ -24,7 +24,6 @@ class ForwardServer(ProxyServer):
         self.connector = Connector(self.reactor, config.upstream,
                                    timeout=config.relay.connect_timeout,
                                    tcp_only_ttl=config.tcp_only_ttl)
-        self.pending: dict[int, object] = {}
 
     def start(self, reuseport: bool = False) -> "ForwardServer":
         self.add_listener(open_listener(self.config.listen, backlog=self.config.backlog,
@@ -33,24 +32,4 @@ class ForwardServer(ProxyServer):
 
     def handle_accept(self, sock: socket.socket, addr: tuple, session: Session) -> None:
         session.target = self.target_label
-        started = self.reactor.now
-
-        def connected(result: ConnectResult) -> None:
-            self.pending.pop(session.id, None)
-            if result.error is not None:
-                self.reject(sock, session, f"upstream-{result.error.reason}",
-                            duration=self.reactor.now - started)
-                return
-            self.start_relay(sock, result, session)
-
-        pending = self.connector.connect(self.target_family, self.target_sockaddr, connected)
-        if pending is not None:
-            self.pending[session.id] = (pending, sock, session)
-
-    def abort_pending(self) -> None:
-        # Pop before rejecting: the last reject may end the drain, which calls
-        # abort_pending again (a session left in the dict would be closed twice).
-        while self.pending:
-            _, (pending, sock, session) = self.pending.popitem()
-            pending.cancel()
-            self.reject(sock, session, "shutdown")
+        self.connect_and_relay(sock, session, self.target_family, self.target_sockaddr)

@@ -268,7 +268,6 @@ class TransparentServer(ProxyServer):
                                    timeout=config.relay.connect_timeout,
                                    tcp_only_ttl=config.tcp_only_ttl,
                                    transparent=config.keep_client_address)
-        self.pending: dict[int, object] = {}
         self.ipv6 = True
         self.table: NftTable | None = None
         self.bypass: BypassWriter | None = None
@@ -417,31 +416,14 @@ class TransparentServer(ProxyServer):
             return
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         source = (client_host, 0) if self.config.keep_client_address else None
-        started = self.reactor.now
 
-        def connected(result: ConnectResult) -> None:
-            self.pending.pop(session.id, None)
-            if result.error is not None:
-                # A reset, as the client would have had from the server itself.
-                self.reject(sock, session, f"upstream-{result.error.reason}",
-                            duration=self.reactor.now - started)
-                return
+        def note_bypass(result: ConnectResult) -> None:
             if result.mptcp and self.bypass is not None:
                 added = self.bypass.add(host, port)
                 session.extra = {"bypass": "added" if added else "known"}
-            self.start_relay(sock, result, session)
 
-        pending = self.connector.connect(family, (host, port), connected, source=source)
-        if pending is not None:
-            self.pending[session.id] = (pending, sock, session)
-
-    def abort_pending(self) -> None:
-        # Pop before rejecting: the last reject may end the drain, which calls
-        # abort_pending again (a session left in the dict would be closed twice).
-        while self.pending:
-            _, (pending, sock, session) = self.pending.popitem()
-            pending.cancel()
-            self.reject(sock, session, "shutdown")
+        self.connect_and_relay(sock, session, family, (host, port), source=source,
+                               before_relay=note_bypass)
 
 
 def _is_local(host: str) -> bool:
