@@ -360,7 +360,9 @@ def test_two_labs_side_by_side(make_lab):
         run.start()
     rates = [run.join_result(60).mbit(size) for run in runs]
     # Each lab has its own shaped link: running together does not halve them.
-    assert min(rates) > 0.85 * RATE
+    # Independent links: a shared one would give each about 0.5 * RATE. 0.7 leaves room
+    # for two Python senders timed on 2 shared cores.
+    assert min(rates) > 0.7 * RATE
     for lab, b in zip(labs, before):
         assert size <= delta(tx_bytes(lab), b)[0] < 1.2 * size
 
