@@ -390,7 +390,8 @@ class Relay:
             self._update_masks()
 
     def _fail(self, side: int, err: int | None) -> None:
-        if err in (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED):
+        # ENOTCONN: what a reset MPTCP socket reports on read.
+        if err in (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ENOTCONN):
             reason = REASON_CLIENT_RESET if side == 0 else REASON_UPSTREAM_RESET
         else:
             name = errno.errorcode.get(err or 0, str(err))

@@ -607,6 +607,7 @@ def local_addresses() -> tuple[set[IPAddress], set[IPAddress]]:
 
 
 def _client_error_reason(exc: OSError) -> str:
-    if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED):
+    # An MPTCP socket reset before we read reports ENOTCONN, not ECONNRESET.
+    if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ENOTCONN):
         return "client-reset"
     return f"client-error:{errno.errorcode.get(exc.errno or 0, exc.errno)}"
