@@ -330,8 +330,12 @@ def test_many_concurrent_captured_connections(env, agent):
 def test_a_connection_to_the_listener_itself_is_not_relayed(env, agent):
     port = agent.server.capture_port
     with env.socket() as sock:
-        sock.connect(("127.0.0.1", port))
-        assert_reset(sock)
+        try:
+            sock.connect(("127.0.0.1", port))
+        except ConnectionResetError:
+            pass  # the reset may beat connect() back to an MPTCP socket
+        else:
+            assert_reset(sock)
     assert closed_sessions(agent, 1)[0].reason == "not-captured"
 
 

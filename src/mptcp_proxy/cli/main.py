@@ -20,6 +20,7 @@ from mptcp_proxy.errors import ConfigError, ProxyError
 COMMANDS = (
     "mptcp_proxy.cli.forward_cmd",
     "mptcp_proxy.cli.convert_cmd",
+    "mptcp_proxy.cli.app_proxy_cmd",
     "mptcp_proxy.cli.transparent_cmd",
     "mptcp_proxy.cli.client_cmd",
     "mptcp_proxy.cli.lab_cmd",

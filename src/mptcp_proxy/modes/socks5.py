@@ -62,9 +62,12 @@ class Socks5Reply(enum.IntEnum):
 class Socks5Error(ProtocolError):
     """The client broke the protocol or was refused; send ``reply`` then close."""
 
-    def __init__(self, message: str, reply: bytes = b"", code: int | None = None) -> None:
+    def __init__(self, message: str, reply: bytes = b"", code: int | None = None,
+                 stage: str = "") -> None:
         super().__init__(message, code)
         self.reply = reply
+        self.stage = stage
+        """Where it failed: ``greeting``, ``auth`` or ``request`` ("" if unknown)."""
 
 
 @dataclass(frozen=True)
@@ -159,8 +162,8 @@ class Socks5Handshake:
 
     # -- stages ---------------------------------------------------------------
     def _fail(self, message: str, reply: bytes = b"", code: int | None = None) -> None:
-        self._state = _State.FAILED
-        raise Socks5Error(message, reply, code)
+        stage, self._state = self._state.value, _State.FAILED
+        raise Socks5Error(message, reply, code, stage)
 
     def _greeting(self) -> bytes:
         buf = self._buf

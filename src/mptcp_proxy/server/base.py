@@ -401,6 +401,14 @@ def drain_until_eof(sock: socket.socket, reads: int, size: int) -> bool:
     return False
 
 
+def client_error_reason(exc: OSError) -> str:
+    """The close log's reason for a client socket error during a handshake."""
+    # An MPTCP socket reset before we read reports ENOTCONN, not ECONNRESET.
+    if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ENOTCONN):
+        return "client-reset"
+    return f"client-error:{errno.errorcode.get(exc.errno or 0, exc.errno)}"
+
+
 def _safe_is_mptcp(sock: socket.socket) -> bool:
     try:
         return is_mptcp(sock)

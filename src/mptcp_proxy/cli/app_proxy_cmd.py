@@ -1,0 +1,101 @@
+"""`mptcp-proxy socks5 --listen ADDR:PORT ...` and `mptcp-proxy http-connect --listen ADDR:PORT ...`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from mptcp_proxy.cli.common import (
+    add_relay_options, add_upstream_options, check_workers, server_settings,
+)
+from mptcp_proxy.config import Endpoint
+from mptcp_proxy.config_app_proxy import AppProxyConfig, Credentials
+from mptcp_proxy.modes.app_proxy import HTTP_CONNECT, SOCKS5
+from mptcp_proxy.modes.policy import DEFAULT_CLIENT_NETWORKS, parse_networks
+from mptcp_proxy.modes.transparent import PortSet
+
+log = logging.getLogger("mptcp_proxy.cli")
+
+_DESCRIPTIONS = {
+    SOCKS5: ("SOCKS5 proxy (RFC 1928) on an MPTCP listener",
+             "Serve SOCKS5 CONNECT requests (no authentication, or username/password "
+             "with --auth) arriving over MPTCP (or plain TCP), and connect to the "
+             "requested target, MPTCP first."),
+    HTTP_CONNECT: ("HTTP CONNECT proxy (RFC 9110) on an MPTCP listener",
+                   "Serve HTTP CONNECT tunnels (Basic proxy authentication with --auth) "
+                   "arriving over MPTCP (or plain TCP), and connect to the requested "
+                   "target, MPTCP first. Other methods get 405."),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for protocol in (SOCKS5, HTTP_CONNECT):
+        summary, description = _DESCRIPTIONS[protocol]
+        p = sub.add_parser(protocol, help=summary, description=description)
+        p.add_argument("--listen", required=True, metavar="ADDR:PORT",
+                       help="address to listen on, e.g. 0.0.0.0:1080 or [::]:1080")
+        p.add_argument("--allow", action="append", metavar="CIDR",
+                       help="client networks served (repeatable; 'any' for all). Default: "
+                            + ", ".join(DEFAULT_CLIENT_NETWORKS))
+        p.add_argument("--allow-target", action="append", default=[], metavar="CIDR",
+                       help="special-use target range to allow (private, CGN, ULA ...; "
+                            "repeatable). Loopback, link-local, multicast, broadcast and "
+                            "the proxy's own addresses are always refused")
+        p.add_argument("--deny-target", action="append", default=[], metavar="CIDR",
+                       help="target range to refuse (repeatable)")
+        p.add_argument("--allow-port", default="all", metavar="PORTS",
+                       help="target ports served: all, or a list like 443,8000-8100 "
+                            "(default all)")
+        p.add_argument("--auth", metavar="FILE",
+                       help="require authentication; FILE holds user:password lines "
+                            "(mode 600)")
+        p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="deadline from accept to a complete request (default 10)")
+        p.add_argument("--max-pending-per-client", type=int, default=64, metavar="N",
+                       help="open handshakes per client address (default 64)")
+        add_upstream_options(p)
+        add_relay_options(p)
+        p.set_defaults(func=run, protocol=protocol)
+
+
+def config_from_args(args: argparse.Namespace) -> AppProxyConfig:
+    return AppProxyConfig(
+        protocol=args.protocol,
+        listen=Endpoint.parse(args.listen, "--listen", default_host="0.0.0.0"),
+        allow_clients=parse_networks(args.allow or DEFAULT_CLIENT_NETWORKS, "--allow"),
+        allow_targets=parse_networks(args.allow_target, "--allow-target"),
+        deny_targets=parse_networks(args.deny_target, "--deny-target"),
+        allow_ports=PortSet.parse(args.allow_port, "--allow-port"),
+        credentials=Credentials.load(args.auth) if args.auth else None,
+        handshake_timeout=args.handshake_timeout,
+        max_pending_per_client=args.max_pending_per_client,
+        **server_settings(args),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from mptcp_proxy.server.app_proxy import AppProxyServer
+    from mptcp_proxy.server.workers import run_workers
+
+    config = config_from_args(args)
+    workers = check_workers(args, config.listen.port)
+
+    def serve(index: int = 0) -> int:
+        server = AppProxyServer(config).start(reuseport=workers > 1)
+        for addr in server.listen_addresses():
+            log.info("%s%s: listening on %s:%d (auth %s, ports %s, upstream %s, clients %s, "
+                     "max %d connections)", config.protocol,
+                     f"[{index}]" if workers > 1 else "", addr[0], addr[1],
+                     "required" if config.credentials else "off", config.allow_ports,
+                     config.upstream.value,
+                     ", ".join(str(n) for n in config.allow_clients), server.max_connections)
+        server.serve_forever()
+        log.info("%s: stopped; %d connections relayed, %d refused", config.protocol,
+                 server.stats.relayed, server.stats.rejected)
+        return 0
+
+    if workers == 1:
+        return serve()
+    # Fail early in the parent on a bad address rather than in every worker.
+    AppProxyServer(config).start(reuseport=True)._close_everything()
+    return run_workers(workers, serve)

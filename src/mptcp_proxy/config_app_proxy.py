@@ -1,0 +1,108 @@
+"""Configuration of the application proxies (``mptcp-proxy socks5`` and ``http-connect``).
+
+Same rules as every mode config: frozen, validated dataclasses; a bad value
+raises :class:`ConfigError` naming the option.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import stat
+from dataclasses import dataclass, field
+
+from mptcp_proxy.config import Endpoint, ServerSettings
+from mptcp_proxy.errors import ConfigError
+from mptcp_proxy.modes.app_proxy import PROTOCOLS
+from mptcp_proxy.modes.policy import DEFAULT_CLIENT_NETWORKS, IPNetwork, parse_networks
+from mptcp_proxy.modes.transparent import PortSet
+
+MAX_AUTH_FILE = 1 << 20
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Users and passwords from an ``--auth`` file (``user:password`` per line)."""
+
+    users: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def check(self, username: str, password: str) -> bool:
+        expected = self.users.get(username)
+        # Compared in constant time; an unknown user costs the same as a wrong password.
+        return hmac.compare_digest((expected or "\0").encode(), password.encode()) \
+            and expected is not None
+
+    @classmethod
+    def parse(cls, text: str, key: str = "--auth") -> "Credentials":
+        users: dict[str, str] = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            user, colon, password = line.partition(":")
+            if not colon or not user or not password:
+                raise ConfigError(key, f"line {number}: expected user:password")
+            if len(user.encode()) > 255 or len(password.encode()) > 255:
+                raise ConfigError(key, f"line {number}: user and password are at most "
+                                       "255 bytes (RFC 1929)")
+            if user in users:
+                raise ConfigError(key, f"line {number}: user {user!r} listed twice")
+            users[user] = password
+        if not users:
+            raise ConfigError(key, "no user:password line")
+        return cls(users)
+
+    @classmethod
+    def load(cls, path: str, key: str = "--auth") -> "Credentials":
+        """From ``path``, which others must not be able to read."""
+        try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(key, f"{path} is not a regular file")
+            if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise ConfigError(key, f"{path} is readable by others; chmod 600 it")
+            if st.st_size > MAX_AUTH_FILE:
+                raise ConfigError(key, f"{path} is larger than {MAX_AUTH_FILE} bytes")
+            with open(path, encoding="utf-8") as f:
+                text = f.read(MAX_AUTH_FILE)
+        except OSError as exc:
+            raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(key, f"{path} is not UTF-8") from None
+        return cls.parse(text, key)
+
+
+@dataclass(frozen=True)
+class AppProxyConfig(ServerSettings):
+    """``mptcp-proxy socks5`` / ``mptcp-proxy http-connect``: explicit proxies over MPTCP."""
+
+    protocol: str
+    """``socks5`` or ``http-connect``."""
+    listen: Endpoint
+    """Address the MPTCP listener binds to (plain-TCP clients are served too)."""
+    allow_clients: tuple[IPNetwork, ...] = field(
+        default_factory=lambda: parse_networks(DEFAULT_CLIENT_NETWORKS, "--allow"))
+    """Client source networks served; others are refused (SOCKS 2, HTTP 403)."""
+    allow_targets: tuple[IPNetwork, ...] = ()
+    """Special-use target ranges (private, CGN, ULA, ...) that may be connected to."""
+    deny_targets: tuple[IPNetwork, ...] = ()
+    """Target ranges always refused."""
+    allow_ports: PortSet = field(default_factory=PortSet)
+    """Target ports served (empty: every port)."""
+    credentials: Credentials | None = None
+    """With credentials, clients must authenticate (SOCKS5 RFC 1929, HTTP Basic)."""
+    handshake_timeout: float = 10.0
+    """Seconds from accept to a complete request (one deadline, not per read)."""
+    max_pending_per_client: int = 64
+    """Open handshakes per client address; above: closed at once."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError("protocol", f"one of {', '.join(PROTOCOLS)}, not {self.protocol!r}")
+        if not self.allow_clients:
+            raise ConfigError("--allow", "no client network allowed: nobody could connect")
+        if self.handshake_timeout <= 0:
+            raise ConfigError("--handshake-timeout", "must be > 0")
+        if self.max_pending_per_client < 1:
+            raise ConfigError("--max-pending-per-client", "must be >= 1")

@@ -1,0 +1,148 @@
+"""What the application proxies (SOCKS5, HTTP CONNECT) share, sans-IO.
+
+Both protocols end their handshake the same way: a target (address or name,
+port) is requested, the proxy decides and connects, and answers success or a
+refusal in the protocol's own terms. :class:`Refusal` names why a request
+failed once; :func:`socks_reply` and :func:`http_status` say it in each
+protocol (PROTOCOLS.md: SOCKS5 REP codes; HTTP 403 policy, 502 refused or DNS
+failure, 504 timeout). :class:`AppHandshake` gives the server one interface to
+both handshakes.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass
+
+from mptcp_proxy.errors import ProtocolError
+from mptcp_proxy.modes.http_connect import HttpConnectError, HttpConnectHandshake
+from mptcp_proxy.modes.socks5 import Authenticator, Socks5Error, Socks5Handshake, Socks5Reply
+
+SOCKS5 = "socks5"
+HTTP_CONNECT = "http-connect"
+PROTOCOLS = (SOCKS5, HTTP_CONNECT)
+
+
+class Refusal(enum.Enum):
+    """Why a well-formed request was not served."""
+
+    CLIENT_NOT_ALLOWED = "client-not-allowed"
+    TARGET_NOT_ALLOWED = "target-not-allowed"
+    PORT_NOT_ALLOWED = "port-not-allowed"
+    RESOLVE_FAILED = "resolve-failed"
+    REFUSED = "refused"
+    HOST_UNREACHABLE = "host-unreachable"
+    NETWORK_UNREACHABLE = "network-unreachable"
+    TIMEOUT = "timeout"
+    RESOURCES = "resources"
+    NETWORK = "network"
+
+
+_SOCKS_REPLY = {
+    Refusal.CLIENT_NOT_ALLOWED: Socks5Reply.NOT_ALLOWED,
+    Refusal.TARGET_NOT_ALLOWED: Socks5Reply.NOT_ALLOWED,
+    Refusal.PORT_NOT_ALLOWED: Socks5Reply.NOT_ALLOWED,
+    Refusal.RESOLVE_FAILED: Socks5Reply.HOST_UNREACHABLE,
+    Refusal.REFUSED: Socks5Reply.CONNECTION_REFUSED,
+    Refusal.HOST_UNREACHABLE: Socks5Reply.HOST_UNREACHABLE,
+    Refusal.NETWORK_UNREACHABLE: Socks5Reply.NETWORK_UNREACHABLE,
+    # RFC 1928 has no "timed out"; TTL expired is the closest (Dante, OpenSSH agree).
+    Refusal.TIMEOUT: Socks5Reply.TTL_EXPIRED,
+    Refusal.RESOURCES: Socks5Reply.GENERAL_FAILURE,
+    Refusal.NETWORK: Socks5Reply.GENERAL_FAILURE,
+}
+
+_HTTP_STATUS = {
+    Refusal.CLIENT_NOT_ALLOWED: 403,
+    Refusal.TARGET_NOT_ALLOWED: 403,
+    Refusal.PORT_NOT_ALLOWED: 403,
+    Refusal.RESOLVE_FAILED: 502,
+    Refusal.REFUSED: 502,
+    Refusal.HOST_UNREACHABLE: 502,
+    Refusal.NETWORK_UNREACHABLE: 502,
+    Refusal.TIMEOUT: 504,
+    Refusal.RESOURCES: 503,
+    Refusal.NETWORK: 502,
+}
+
+
+def socks_reply(refusal: Refusal) -> Socks5Reply:
+    return _SOCKS_REPLY[refusal]
+
+
+def http_status(refusal: Refusal) -> int:
+    return _HTTP_STATUS[refusal]
+
+
+@dataclass(frozen=True)
+class AppRequest:
+    """A CONNECT request of either protocol."""
+
+    host: ipaddress.IPv4Address | ipaddress.IPv6Address | str
+    port: int
+    username: str | None
+
+    @property
+    def is_domain(self) -> bool:
+        return isinstance(self.host, str)
+
+
+class AppHandshake:
+    """One server-side handshake of ``protocol``, behind one interface.
+
+    ``feed`` returns (bytes to send now, the request once complete) and raises
+    :class:`ProtocolError` whose ``reply`` is the whole answer to send before
+    closing; ``leftover`` holds bytes that followed the request; ``success``
+    and ``refuse`` build the final answer."""
+
+    def __init__(self, protocol: str, authenticator: Authenticator | None = None) -> None:
+        if protocol == SOCKS5:
+            self._hs: Socks5Handshake | HttpConnectHandshake = Socks5Handshake(authenticator)
+        elif protocol == HTTP_CONNECT:
+            self._hs = HttpConnectHandshake(authenticator)
+        else:
+            raise ValueError(f"unknown protocol {protocol!r}")
+        self.protocol = protocol
+
+    def feed(self, data: bytes) -> tuple[bytes, AppRequest | None]:
+        out, request = self._hs.feed(data)
+        if request is None:
+            return out, None
+        return out, AppRequest(request.host, request.port, request.username)
+
+    @property
+    def leftover(self) -> bytes:
+        return self._hs.leftover
+
+    def success(self, bound: tuple[str, int] | None = None) -> bytes:
+        if isinstance(self._hs, Socks5Handshake):
+            return self._hs.success(bound)
+        return self._hs.success()
+
+    def refuse(self, refusal: Refusal) -> tuple[bytes, int]:
+        """(the answer, its code: SOCKS REP or HTTP status)."""
+        if isinstance(self._hs, Socks5Handshake):
+            rep = socks_reply(refusal)
+            return self._hs.failure(rep), int(rep)
+        status = http_status(refusal)
+        return self._hs.failure(status), status
+
+
+def error_reason(protocol: str, exc: ProtocolError) -> str:
+    """The close log's reason for a handshake error: ``socks5-error:7``,
+    ``http-error:405``; without a code, the SOCKS5 stage that failed
+    (``socks5-bad-greeting``, ``socks5-bad-auth``: what fail2ban-style tools
+    watch) or ``socks5-bad-handshake``."""
+    if exc.code is None:
+        stage = getattr(exc, "stage", "")
+        return f"{protocol}-bad-{stage or 'handshake'}"
+    return f"{'socks5' if protocol == SOCKS5 else 'http'}-error:{exc.code}"
+
+
+HandshakeError = (Socks5Error, HttpConnectError)
+
+__all__ = [
+    "HTTP_CONNECT", "PROTOCOLS", "SOCKS5", "AppHandshake", "AppRequest", "HandshakeError",
+    "Refusal", "error_reason", "http_status", "socks_reply",
+]

@@ -1,0 +1,419 @@
+"""``socks5`` and ``http-connect`` modes: explicit application proxies on an MPTCP listener.
+
+An application configured with a proxy (SOCKS5, RFC 1928; HTTP CONNECT,
+RFC 9110 §9.3.6) names its target in a handshake of its own; the host's
+kernel carries the connection to us over MPTCP (mptcpize, or an MPTCP-aware
+client), and we connect onward, MPTCP first. The handshakes are sans-IO
+(``modes/socks5.py``, ``modes/http_connect.py`` behind ``modes/app_proxy.py``);
+this module owns the sockets.
+
+Design rules:
+- One deadline per handshake, from accept to a complete request.
+- The target is checked after resolution (the address actually connected to,
+  in every spelling: DNS rebinding, PROTOCOLS.md "Target policy"), and its
+  port against ``--allow-port``.
+- Bytes the client sent after its request (before our reply) are kept and
+  relayed after the reply, never dropped.
+- Refusals travel in the stream (SOCKS REP, HTTP status), then FIN; the
+  client's remaining bytes are drained until its FIN (or ``CLOSE_LINGER``) so
+  that the close is a FIN, not a RST.
+- The close log's reason names the cause: ``socks5-error:7``, ``http-error:405``,
+  ``refused:target-not-allowed``, ``refused:timeout``, ``handshake-timeout``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from typing import Callable
+
+from mptcp_proxy.config_app_proxy import AppProxyConfig
+from mptcp_proxy.dataplane.connect import (
+    REFUSED, RESOURCES, TIMEOUT, UNREACHABLE, ConnectResult, Connector, PendingConnect,
+)
+from mptcp_proxy.dataplane.reactor import EPOLLIN, EPOLLOUT, Reactor, Timer
+from mptcp_proxy.dataplane.resolve import AsyncResolver, Lookup, Resolver
+from mptcp_proxy.errors import ProtocolError, UpstreamError
+from mptcp_proxy.modes.app_proxy import (
+    HTTP_CONNECT, AppHandshake, AppRequest, HandshakeError, Refusal, error_reason,
+)
+from mptcp_proxy.modes.policy import (
+    ClientPolicy, IPAddress, TargetPolicy, normalize, parse_address,
+)
+from mptcp_proxy.server.base import (
+    ProxyServer, Session, client_error_reason, drain_until_eof, format_addr, open_listener,
+)
+from mptcp_proxy.server.convert import local_addresses
+
+log = logging.getLogger("mptcp_proxy.app_proxy")
+
+READ_SIZE = 4096
+CLOSE_LINGER = 2.0            # seconds to wait for the client's FIN after a refusal
+DRAIN_READS = 16
+ADDRESS_REFRESH = 30.0        # seconds between re-reads of the proxy's own addresses
+
+_HANDSHAKE, _RESOLVING, _CONNECTING, _CLOSING, _DONE = (
+    "handshake", "resolving", "connecting", "closing", "done")
+
+
+class _Conn:
+    """One client connection between accept and relay (or close)."""
+
+    __slots__ = ("sock", "fd", "session", "handshake", "client", "started", "state",
+                 "deadline", "lookup", "connect", "out", "linger", "reason", "watched",
+                 "request")
+
+    def __init__(self, sock: socket.socket, session: Session, handshake: AppHandshake,
+                 client: IPAddress, started: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.session = session
+        self.handshake = handshake
+        self.client = client
+        self.started = started
+        self.state = _HANDSHAKE
+        self.deadline: Timer | None = None
+        self.lookup: Lookup | None = None
+        self.connect: PendingConnect | None = None
+        self.out = b""
+        self.linger: Timer | None = None
+        self.reason = ""
+        self.watched = False
+        self.request: AppRequest | None = None
+
+
+class AppProxyServer(ProxyServer):
+    """SOCKS5 or HTTP CONNECT in front, MPTCP-first connect behind."""
+
+    def __init__(self, config: AppProxyConfig, reactor: Reactor | None = None,
+                 resolver: Resolver | None = None) -> None:
+        super().__init__(config.relay, drain_timeout=config.drain_timeout,
+                         log_connections=config.log_connections, reactor=reactor)
+        self.config = config
+        self.mode_name = config.protocol
+        self.connector = Connector(self.reactor, config.upstream,
+                                   timeout=config.relay.connect_timeout,
+                                   tcp_only_ttl=config.tcp_only_ttl)
+        self.resolver = AsyncResolver(self.reactor, resolver, name=f"{config.protocol}-resolve")
+        self.clients = ClientPolicy(config.allow_clients)
+        self.targets = TargetPolicy(config.allow_targets, config.deny_targets)
+        self.authenticator: Callable[[str, str], bool] | None = \
+            config.credentials.check if config.credentials is not None else None
+        self.pending: dict[int, _Conn] = {}
+        self.pending_by_client: dict[IPAddress, int] = {}
+        self._refresh_timer: Timer | None = None
+        self._reply_sizes: dict[int, int] = {}  # session id -> protocol reply queued to the client
+
+    # -- lifecycle ------------------------------------------------------------
+    def start(self, reuseport: bool = False) -> "AppProxyServer":
+        """Open the listener and read the proxy's own addresses (this thread's netns)."""
+        self.add_listener(open_listener(self.config.listen, backlog=self.config.backlog,
+                                        reuseport=reuseport))
+        self._refresh_addresses()
+        return self
+
+    def _refresh_addresses(self) -> None:
+        """A target that is one of our own addresses would loop back into us."""
+        self._refresh_timer = None
+        if self._draining:
+            return
+        try:
+            own, broadcast = local_addresses()
+            for sockname in self.listen_addresses():
+                address = normalize(parse_address(sockname[0]))
+                if not address.is_unspecified:
+                    own.add(address)
+            self.targets = self.targets.with_local(own, broadcast)
+        except OSError as exc:
+            log.warning("could not re-read local addresses: %s", exc)
+        self._refresh_timer = self.reactor.call_later(ADDRESS_REFRESH, self._refresh_addresses)
+
+    def abort_pending(self) -> None:
+        super().abort_pending()
+        for conn in list(self.pending.values()):
+            self._abort(conn, "shutdown")
+        if self._refresh_timer is not None:
+            self._refresh_timer.cancel()
+            self._refresh_timer = None
+
+    def _close_everything(self) -> None:
+        self.resolver.close()
+        super()._close_everything()
+
+    # -- handshake --------------------------------------------------------------
+    def handle_accept(self, sock: socket.socket, addr: tuple, session: Session) -> None:
+        client = normalize(parse_address(addr[0]))
+        conn = _Conn(sock, session, AppHandshake(self.config.protocol, self.authenticator),
+                     client, self.reactor.now)
+        open_from_client = self.pending_by_client.get(client, 0)
+        if open_from_client >= self.config.max_pending_per_client:
+            # Before any byte of the handshake: the protocols have no answer here.
+            self.reject(sock, session, "too-many-pending")
+            return
+        self.pending[session.id] = conn
+        self.pending_by_client[client] = open_from_client + 1
+        self._watch(conn, EPOLLIN)
+        conn.deadline = self.reactor.call_later(self.config.handshake_timeout,
+                                                lambda: self._on_deadline(conn))
+
+    def _on_event(self, conn: _Conn, events: int) -> None:
+        if conn.state == _HANDSHAKE:
+            self._read(conn)
+        elif conn.state == _CLOSING:
+            if conn.out:
+                self._flush(conn)
+            else:
+                self._drain(conn)
+        else:
+            # Parked while resolving or connecting: only ERR/HUP wake us (epoll
+            # reports them whatever the mask). The relay or the reply sees them.
+            self._unwatch(conn)
+
+    def _read(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._abort(conn, client_error_reason(exc))
+            return
+        if not data:
+            self._abort(conn, "client-eof", reset=False)
+            return
+        try:
+            out, request = conn.handshake.feed(data)
+        except HandshakeError as exc:
+            reason = error_reason(self.config.protocol, exc)
+            log.debug("conn=%d %s: %s", conn.session.id, reason, exc)
+            self._close_with(conn, exc.reply, reason)
+            return
+        if out and not self._send_small(conn, out):
+            return
+        if request is not None:
+            self._requested(conn, request)
+
+    def _send_small(self, conn: _Conn, data: bytes) -> bool:
+        """Handshake replies are a few bytes on a fresh socket: they fit, or the peer is broken."""
+        try:
+            sent = conn.sock.send(data)
+        except OSError:
+            sent = -1
+        if sent == len(data):
+            return True
+        self._abort(conn, "client-error")
+        return False
+
+    def _on_deadline(self, conn: _Conn) -> None:
+        conn.deadline = None
+        if conn.state in (_HANDSHAKE, _RESOLVING):
+            # Still talking (or looking the name up): the deadline ends it without a word.
+            self._abort(conn, "handshake-timeout", reset=False)
+
+    # -- deciding and connecting ---------------------------------------------------
+    def _requested(self, conn: _Conn, request: AppRequest) -> None:
+        conn.request = request
+        # Stop reading: bytes behind the request wait in the socket for the relay.
+        self.reactor.set_mask(conn.fd, 0)
+        session = conn.session
+        if request.username is not None:
+            session.extra = {"user": request.username}
+        if request.is_domain:
+            session.target = f"{request.host}:{request.port}"
+        else:
+            session.target = format_addr((str(request.host), request.port))
+        if not self.clients.allows(conn.client):
+            self._refuse(conn, Refusal.CLIENT_NOT_ALLOWED)
+            return
+        if request.port not in self.config.allow_ports:
+            self._refuse(conn, Refusal.PORT_NOT_ALLOWED)
+            return
+        if request.is_domain:
+            conn.state = _RESOLVING
+            conn.lookup = self.resolver.resolve(
+                str(request.host), request.port,
+                lambda addresses, error: self._resolved(conn, addresses, error))
+            return
+        self._connect(conn, normalize(request.host))  # type: ignore[arg-type]
+
+    def _resolved(self, conn: _Conn, addresses: list[str] | None,
+                  error: BaseException | None) -> None:
+        conn.lookup = None
+        if conn.state != _RESOLVING:
+            return
+        address = None
+        if addresses:
+            try:
+                address = normalize(parse_address(addresses[0].split("%", 1)[0]))
+            except ValueError:
+                address = None
+        if address is None:
+            log.debug("conn=%d cannot resolve %s: %s", conn.session.id,
+                      conn.request.host if conn.request else "?", error)
+            self._refuse(conn, Refusal.RESOLVE_FAILED)
+            return
+        extra = conn.session.extra if conn.session.extra is not None else {}
+        extra["name"] = conn.session.target
+        conn.session.extra = extra
+        assert conn.request is not None  # set before resolving
+        conn.session.target = format_addr((str(address), conn.request.port))
+        self._connect(conn, address)
+
+    def _connect(self, conn: _Conn, address: IPAddress) -> None:
+        decision = self.targets.check(address)
+        if not decision.allowed:
+            log.debug("conn=%d target %s refused: %s", conn.session.id, address,
+                      decision.reason.value)
+            self._refuse(conn, Refusal.TARGET_NOT_ALLOWED)
+            return
+        assert conn.request is not None  # set by _requested
+        conn.state = _CONNECTING
+        if address.version == 6:
+            family, sockaddr = socket.AF_INET6, (str(address), conn.request.port, 0, 0)
+        else:
+            family, sockaddr = socket.AF_INET, (str(address), conn.request.port)
+        conn.connect = self.connector.connect(family, sockaddr,
+                                              lambda result: self._connected(conn, result))
+
+    def _connected(self, conn: _Conn, result: ConnectResult) -> None:
+        conn.connect = None
+        if conn.state != _CONNECTING:  # pragma: no cover - cancelled attempts never call back
+            if result.sock is not None:
+                result.sock.close()
+            return
+        if result.error is not None:
+            conn.session.upstream_requested_mptcp = result.requested_mptcp
+            self._refuse(conn, refusal_for(result.error), f"upstream-{result.error.reason}")
+            return
+        assert result.sock is not None  # success carries a socket
+        try:
+            bound = result.sock.getsockname()[:2]
+        except OSError:
+            bound = None
+        reply = conn.handshake.success(bound)
+        self._cancel_deadline(conn)
+        self._forget(conn)
+        conn.state = _DONE
+        conn.watched = False  # the relay takes the fd over (register() re-owns it)
+        self._reply_sizes[conn.session.id] = len(reply)
+        self.start_relay(conn.sock, result, conn.session,
+                         initial_to_upstream=conn.handshake.leftover,
+                         initial_to_client=reply)
+
+    def relay_closed(self, relay) -> None:  # type: ignore[no-untyped-def]
+        # bytes_down counts the target's bytes, not our protocol reply in front of them.
+        reply = self._reply_sizes.pop(relay.meta.id, 0)
+        relay.ba.bytes = max(0, relay.ba.bytes - reply)
+        super().relay_closed(relay)
+
+    # -- refusing and closing ----------------------------------------------------------
+    def _refuse(self, conn: _Conn, refusal: Refusal, reason: str | None = None) -> None:
+        reply, code = conn.handshake.refuse(refusal)
+        label = "socks5" if self.config.protocol != HTTP_CONNECT else "http"
+        log.debug("conn=%d refused (%s): %s %d", conn.session.id, refusal.value, label, code)
+        self._close_with(conn, reply, reason or f"refused:{refusal.value}")
+
+    def _close_with(self, conn: _Conn, reply: bytes, reason: str) -> None:
+        """Send ``reply``, FIN, drain the client until its FIN, close."""
+        self._cancel_deadline(conn)
+        if conn.lookup is not None:
+            conn.lookup.cancel()
+            conn.lookup = None
+        conn.state = _CLOSING
+        conn.reason = reason
+        conn.out = reply
+        conn.linger = self.reactor.call_later(CLOSE_LINGER, lambda: self._finish(conn))
+        self._watch(conn, EPOLLIN)
+        self._flush(conn)
+
+    def _flush(self, conn: _Conn) -> None:
+        while conn.out:
+            try:
+                n = conn.sock.send(conn.out)
+            except (BlockingIOError, InterruptedError):
+                self.reactor.set_mask(conn.fd, EPOLLOUT)  # reading resumes once it is sent
+                return
+            except OSError as exc:
+                conn.reason += f" ({client_error_reason(exc)})"
+                self._finish(conn)
+                return
+            conn.out = conn.out[n:]
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # already reset: the drain below ends it
+        self.reactor.set_mask(conn.fd, EPOLLIN)
+        self._drain(conn)
+
+    def _drain(self, conn: _Conn) -> None:
+        if drain_until_eof(conn.sock, DRAIN_READS, READ_SIZE):
+            self._finish(conn)
+
+    def _finish(self, conn: _Conn) -> None:
+        if conn.state == _DONE:
+            return
+        conn.state = _DONE
+        if conn.linger is not None:
+            conn.linger.cancel()
+            conn.linger = None
+        self._unwatch(conn)
+        self._forget(conn)
+        self.reject(conn.sock, conn.session, conn.reason, abort=False,
+                    duration=self.reactor.now - conn.started)
+
+    def _abort(self, conn: _Conn, reason: str, reset: bool = True) -> None:
+        """Close at once, no reply (the client broke off, or shutdown)."""
+        if conn.state == _DONE:
+            return
+        conn.state = _DONE
+        self._cancel_deadline(conn)
+        for handle in (conn.linger, conn.lookup, conn.connect):
+            if handle is not None:
+                handle.cancel()
+        conn.linger = conn.lookup = conn.connect = None
+        self._unwatch(conn)
+        self._forget(conn)
+        self.reject(conn.sock, conn.session, reason, abort=reset,
+                    duration=self.reactor.now - conn.started)
+
+    # -- bookkeeping ----------------------------------------------------------
+    def _watch(self, conn: _Conn, mask: int) -> None:
+        if conn.watched:
+            self.reactor.set_mask(conn.fd, mask)
+        else:
+            self.reactor.register(conn.fd, mask, lambda ev, c=conn: self._on_event(c, ev))
+            conn.watched = True
+
+    def _unwatch(self, conn: _Conn) -> None:
+        if conn.watched:
+            self.reactor.unregister(conn.fd)
+            conn.watched = False
+
+    def _cancel_deadline(self, conn: _Conn) -> None:
+        if conn.deadline is not None:
+            conn.deadline.cancel()
+            conn.deadline = None
+
+    def _forget(self, conn: _Conn) -> None:
+        if self.pending.pop(conn.session.id, None) is None:
+            return
+        left = self.pending_by_client.get(conn.client, 1) - 1
+        if left > 0:
+            self.pending_by_client[conn.client] = left
+        else:
+            self.pending_by_client.pop(conn.client, None)
+
+
+def refusal_for(error: UpstreamError) -> Refusal:
+    """The Connector's failure as the protocols' refusal kind."""
+    if error.reason == REFUSED:
+        return Refusal.REFUSED
+    if error.reason == UNREACHABLE:
+        if error.errno == errno.ENETUNREACH:
+            return Refusal.NETWORK_UNREACHABLE
+        return Refusal.HOST_UNREACHABLE
+    if error.reason == TIMEOUT:
+        return Refusal.TIMEOUT
+    if error.reason == RESOURCES:
+        return Refusal.RESOURCES
+    return Refusal.NETWORK
