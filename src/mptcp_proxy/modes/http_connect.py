@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import enum
 import ipaddress
 import re
 from dataclasses import dataclass

@@ -54,15 +54,13 @@ import ipaddress
 import logging
 import os
 import socket
-import threading
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from mptcp_proxy.config import Endpoint, RelayConfig, UpstreamMode
 from mptcp_proxy.dataplane.connect import ConnectResult, Connector, PendingConnect
 from mptcp_proxy.dataplane.reactor import EPOLLIN, EPOLLOUT, Reactor, Timer
 from mptcp_proxy.dataplane.relay import LINGER_ABORT, Relay
+from mptcp_proxy.dataplane.resolve import AsyncResolver, Resolver
 from mptcp_proxy.errors import ConfigError, KernelError
 from mptcp_proxy.kernel import netns
 from mptcp_proxy.kernel.nft import NftTable, check_name
@@ -111,22 +109,6 @@ SOCKS5 = "socks5"
 # Connection states, from accept to relay.
 _SOCKS, _RESOLVING, _DIRECT, _CONNECTING, _AWAITING, _CLOSING, _DONE = (
     "socks5", "resolving", "direct", "connecting", "awaiting-reply", "closing", "done")
-
-Resolver = Callable[[str, int], list[str]]
-"""``resolver(name, port)`` -> IP address strings, best first; raises OSError on failure."""
-
-
-def system_resolver(host: str, port: int) -> list[str]:
-    """getaddrinfo(3), in the calling thread's namespace (and /etc/netns files)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    found: list[str] = []
-    for family, _, _, _, sockaddr in infos:
-        if family in (socket.AF_INET, socket.AF_INET6) and sockaddr[0] not in found:
-            found.append(sockaddr[0])
-    if not found:
-        raise OSError(errno.ENOENT, f"{host} has no IPv4 or IPv6 address")
-    return found
-
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -370,9 +352,8 @@ class ClientAgent(ProxyServer):
         self.socks_port: int | None = None
         self.table: NftTable | None = None
         self.tfo_client = True
-        self._resolver = resolver or system_resolver
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
+        self.resolver = AsyncResolver(self.reactor, resolver, threads=RESOLVER_THREADS,
+                                      name="client-resolve")
         self._preferred = 0
         self._early_sent: dict[int, int] = {}  # session id -> app bytes sent with the request
         self._lock: socket.socket | None = None
@@ -484,11 +465,8 @@ class ClientAgent(ProxyServer):
     def _close_everything(self) -> None:
         if self._closed:  # the reactor's fds must not be closed twice
             return
-        with self._pool_lock:
-            self._closed = True
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        self._closed = True
+        self.resolver.close()
         try:
             super()._close_everything()
         finally:
@@ -643,25 +621,18 @@ class ClientAgent(ProxyServer):
 
     def _resolve(self, conn: _Conn, name: str, port: int) -> None:
         conn.state = _RESOLVING
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=RESOLVER_THREADS,
-                                            thread_name_prefix="client-resolve")
-        future = self._pool.submit(self._resolver, name, port)
+        self.resolver.resolve(name, port,
+                              lambda addresses, error: self._resolved(conn, addresses, error, port))
 
-        def done(fut: Future) -> None:  # in a resolver thread (or here, if already done)
-            with self._pool_lock:
-                if not self._closed:
-                    self.reactor.call_soon_threadsafe(lambda: self._resolved(conn, fut, port))
-
-        future.add_done_callback(done)
-
-    def _resolved(self, conn: _Conn, future: Future, port: int) -> None:
+    def _resolved(self, conn: _Conn, addresses: list[str] | None, error: BaseException | None,
+                  port: int) -> None:
         if conn.state != _RESOLVING:
             return  # the deadline (or shutdown) came first
         try:
-            addresses = future.result()
-            address = _unmap(addresses[0])
-        except (OSError, UnicodeError, ValueError, IndexError) as exc:
+            if error is not None:
+                raise error
+            address = _unmap(addresses[0])  # type: ignore[index]
+        except (OSError, UnicodeError, ValueError, IndexError, TypeError) as exc:
             log.debug("conn=%d cannot resolve %s: %s", conn.session.id, conn.name, exc)
             self._fail(conn, "resolve-failed", Socks5Reply.HOST_UNREACHABLE)
             return

@@ -34,7 +34,7 @@ from mptcp_proxy.dataplane.connect import (
 )
 from mptcp_proxy.dataplane.reactor import EPOLLIN, EPOLLOUT, Reactor, Timer
 from mptcp_proxy.dataplane.resolve import AsyncResolver, Lookup, Resolver
-from mptcp_proxy.errors import ProtocolError, UpstreamError
+from mptcp_proxy.errors import UpstreamError
 from mptcp_proxy.modes.app_proxy import (
     HTTP_CONNECT, AppHandshake, AppRequest, HandshakeError, Refusal, error_reason,
 )
