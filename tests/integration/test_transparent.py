@@ -10,6 +10,7 @@ namespace is left exactly as it was found.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -27,6 +28,7 @@ from mptcp_proxy.kernel import pm
 from mptcp_proxy.kernel.routing import RT_PROTO, TproxyRoute, TproxyRouting, tagged_rules
 from mptcp_proxy.lab import Lab, Node, PathSpec, netns
 from mptcp_proxy.lab.traffic import SinkServer, timed_upload
+from mptcp_proxy.modes.policy import parse_networks
 from mptcp_proxy.modes.transparent import BYPASS_SET4, BYPASS_SET6, TABLE_NAME, PortSet
 from mptcp_proxy.server.transparent import (
     Announce, TransparentConfig, TransparentServer, read_restore_record,
@@ -283,6 +285,37 @@ def test_upstream_refused_resets_the_client(oplab):
     finally:
         server.close()
     assert proxy.wait_closed(2)[1].reason == "done"
+
+
+def test_denied_targets_are_reset_and_others_served(oplab):
+    """--deny-target stands in for the forward-chain rules interception bypasses."""
+    lab, runners = oplab
+    proxy = start_proxy(lab.proxy, deny_targets=parse_networks(
+        [f"{lab.server_addr}/32", f"{lab.server_addr6}/128"], "--deny-target"))
+    runners.append(proxy)
+    server = echo_server(lab.server, lab.server_addr, mptcp=False, reply=b"no")
+    try:
+        for host in (lab.server_addr, lab.server_addr6):
+            with pytest.raises(OSError) as info:   # at connect() when the reset is quick
+                with lab.client.enter():
+                    sock = connect((host, PORT), mptcp=True)
+                with sock:
+                    sock.sendall(b"x")
+                    sock.recv(10)
+            # A reset MPTCP socket reports ENOTCONN (KERNEL-FACTS), a TCP one ECONNRESET.
+            assert info.value.errno in (errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE)
+        assert server.count == 0          # never reached the server
+        reasons = [c.reason for c in proxy.wait_closed(2)]
+        assert reasons == ["refused:denied-range"] * 2
+    finally:
+        server.close()
+    # Another destination behind the same proxy is still served.
+    mp = echo_server(lab.mpserver, lab.mpserver_addr, mptcp=False, reply=b"yes")
+    try:
+        assert exchange(lab.client, (lab.mpserver_addr, PORT)) == (sha256(b"yes"), 3)
+    finally:
+        mp.close()
+    assert proxy.wait_closed(3)[2].reason == "done"
 
 
 def test_client_address_is_kept_upstream_when_asked(oplab):

@@ -12,6 +12,7 @@ import logging
 
 from mptcp_proxy.cli.common import add_relay_options, add_upstream_options, server_settings
 from mptcp_proxy.errors import ConfigError
+from mptcp_proxy.modes.policy import parse_networks
 from mptcp_proxy.modes.transparent import (
     DEFAULT_ANNOUNCE_PORT,
     DEFAULT_BYPASS_TTL,
@@ -51,6 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tproxy-port", type=int, default=DEFAULT_TPROXY_PORT, metavar="PORT",
                    help=f"local port of the interception listener (default {DEFAULT_TPROXY_PORT})")
     add_upstream_options(p, "server")
+    p.add_argument("--deny-target", action="append", default=[], metavar="CIDR",
+                   help="destinations never relayed: the client gets a reset (repeatable). "
+                        "Intercepted connections leave from this host, so forward-chain "
+                        "firewall rules no longer apply to them; list what they refuse")
     p.add_argument("--keep-client-address", action="store_true",
                    help="connect to servers from the client's address (IP_TRANSPARENT) "
                         "instead of this host's; replies must route back through this host")
@@ -84,6 +89,7 @@ def config_from_args(args: argparse.Namespace):
         keep_client_address=args.keep_client_address,
         fwmark=args.fwmark,
         route_table=args.route_table,
+        deny_targets=parse_networks(args.deny_target, "--deny-target"),
         **server_settings(args),
     )
 

@@ -54,6 +54,9 @@ from mptcp_proxy.modes.transparent import (
     render_ruleset,
     unmap_address,
 )
+from mptcp_proxy.modes.policy import (
+    IPNetwork, TargetPolicy, normalize, parse_address, parse_networks,
+)
 from mptcp_proxy.server.base import ProxyServer, Session, format_addr, open_listener
 
 log = logging.getLogger("mptcp_proxy.transparent")
@@ -125,6 +128,10 @@ class TransparentConfig(ServerSettings):
     """fwmark of diverted packets (routed by the local policy rule)."""
     route_table: int = DEFAULT_ROUTE_TABLE
     """Routing table holding the local default route for marked packets."""
+    deny_targets: tuple[IPNetwork, ...] = ()
+    """Destinations never relayed (the client is reset). Interception makes the
+    proxy the connection's origin, so forward-chain firewall rules no longer
+    see it: list here what they refused."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -268,6 +275,11 @@ class TransparentServer(ProxyServer):
                                    timeout=config.relay.connect_timeout,
                                    tcp_only_ttl=config.tcp_only_ttl,
                                    transparent=config.keep_client_address)
+        # On-path, every destination the client could reach is fair game
+        # (private ranges included) except the deny list and what can never
+        # be a remote server (loopback, multicast, unspecified, link-local).
+        self.targets = TargetPolicy(parse_networks(["0.0.0.0/0", "::/0"], "targets"),
+                                    config.deny_targets)
         self.ipv6 = True
         self.table: NftTable | None = None
         self.bypass: BypassWriter | None = None
@@ -413,6 +425,12 @@ class TransparentServer(ProxyServer):
             # Interception never diverts local destinations: this client dialled
             # the listener itself. Relaying would connect to ourselves.
             self.reject(sock, session, "not-intercepted")
+            return
+        decision = self.targets.check(normalize(parse_address(host)))
+        if not decision.allowed:
+            # A reset, as a firewall's reject would give (the client believes
+            # it talks to the server: no protocol of ours to answer in).
+            self.reject(sock, session, f"refused:{decision.reason.value}")
             return
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         source = (client_host, 0) if self.config.keep_client_address else None
