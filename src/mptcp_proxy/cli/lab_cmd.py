@@ -15,9 +15,12 @@ from mptcp_proxy.lab import Lab, PathSpec, list_labs, remove_lab
 from mptcp_proxy.lab.topology import (
     ALL_ROLES,
     LAB_PREFIX,
+    MAX_DELAY_MS,
     MAX_PATHS,
     TOPOLOGIES,
+    AccessPath,
     canonical_name,
+    impair_log_path,
     state_path,
 )
 from mptcp_proxy.lab import netns
@@ -36,10 +39,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--name", help="lab name (gets the mpx- prefix); default: random")
     up.add_argument("--paths", type=int, metavar="N",
                     help=f"number of client-proxy paths, 1-{MAX_PATHS} "
-                         f"(default {DEFAULT_PATHS}, or one per --rate)")
+                         f"(default {DEFAULT_PATHS}, or one per --rate/--delay/--loss)")
     up.add_argument("--rate", type=float, nargs="+", metavar="MBIT",
                     help="rate limit in Mbit/s: one for every path, or one per path; "
                          "default unshaped")
+    up.add_argument("--delay", type=float, nargs="+", metavar="MS",
+                    help="one-way delay in ms, added in each direction (a round trip "
+                         "gains twice it): one for every path, or one per path; default 0")
+    up.add_argument("--loss", type=float, nargs="+", metavar="PCT",
+                    help="random packet loss in percent, in each direction: one for "
+                         "every path, or one per path; default 0")
     up.add_argument("--topology", choices=TOPOLOGIES, default="basic",
                     help="topology to build (default basic)")
     up.add_argument("--json", action="store_true", help="print the facts as JSON")
@@ -65,18 +74,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ls.set_defaults(func=cmd_list)
 
 
-def path_specs(paths: int | None, rates: list[float] | None) -> list[PathSpec]:
-    """PathSpecs from ``--paths`` and ``--rate``; a bad combination is a ConfigError."""
-    rates = rates or []
-    count = paths if paths is not None else (len(rates) if len(rates) > 1 else DEFAULT_PATHS)
+def path_specs(paths: int | None, rates: list[float] | None,
+               delays: list[float] | None = None,
+               losses: list[float] | None = None) -> list[PathSpec]:
+    """PathSpecs from ``--paths``, ``--rate``, ``--delay`` and ``--loss``.
+
+    Each of the lists holds one value for every path or one per path; a bad
+    combination or value is a ConfigError naming the option.
+    """
+    options = {"--rate": rates or [], "--delay": delays or [], "--loss": losses or []}
+    per_path_counts = [len(v) for v in options.values() if len(v) > 1]
+    count = paths if paths is not None else (per_path_counts[0] if per_path_counts
+                                             else DEFAULT_PATHS)
     if not 1 <= count <= MAX_PATHS:
         raise ConfigError("--paths", f"must be 1 to {MAX_PATHS}, not {count}")
-    if len(rates) > 1 and len(rates) != count:
-        raise ConfigError("--rate", f"give one rate or {count} rates, not {len(rates)}")
-    if any(r <= 0 for r in rates):
+    for key, values in options.items():
+        if len(values) > 1 and len(values) != count:
+            raise ConfigError(key, f"give one value or {count} values, not {len(values)}")
+    if any(r <= 0 for r in options["--rate"]):
         raise ConfigError("--rate", "rates must be positive")
-    per_path = rates * count if len(rates) == 1 else rates or [None] * count
-    return [PathSpec(rate_mbit=r) for r in per_path]
+    if any(not 0 <= d <= MAX_DELAY_MS for d in options["--delay"]):
+        raise ConfigError("--delay", f"delays must be 0 to {MAX_DELAY_MS:g} ms")
+    if any(not 0 <= x < 100 for x in options["--loss"]):
+        raise ConfigError("--loss", "loss must be at least 0 and below 100 percent")
+
+    def spread(values: list[float], default):
+        return values * count if len(values) == 1 else values or [default] * count
+
+    return [PathSpec(rate_mbit=r, delay_ms=d, loss_pct=x)
+            for r, d, x in zip(spread(options["--rate"], None),
+                               spread(options["--delay"], 0.0),
+                               spread(options["--loss"], 0.0))]
+
+
+def describe_path(a: AccessPath) -> str:
+    """``20 Mbit/s, 10 ms delay each way, 1% loss each way``: how path ``a`` behaves."""
+    parts = [f"{a.rate_mbit:g} Mbit/s" if a.rate_mbit else "unshaped"]
+    if a.delay_ms:
+        parts.append(f"{a.delay_ms:g} ms delay each way")
+    if a.loss_pct:
+        parts.append(f"{a.loss_pct:g}% loss each way")
+    return ", ".join(parts)
 
 
 def format_facts(lab: Lab) -> str:
@@ -85,10 +123,12 @@ def format_facts(lab: Lab) -> str:
     lines = [f"lab {lab.name} ({lab.topology}, {len(lab.paths)} paths)",
              "  namespaces  " + "  ".join(f"{n.role} {n.ns}" for n in lab.nodes)]
     for a in lab.paths:
-        rate = f"{a.rate_mbit:g} Mbit/s" if a.rate_mbit else "unshaped"
         lines.append(f"  path {a.index}      client {a.client_if} {a.client_addr} "
                      f"{a.client_addr6}  <->  {a.gateway} {a.proxy_if} {a.proxy_addr} "
-                     f"{a.proxy_addr6}  {rate}")
+                     f"{a.proxy_addr6}  {describe_path(a)}")
+    if lab.impair_pid is not None:
+        lines.append(f"  emulator    delay/loss by pid {lab.impair_pid} (NFQUEUE), "
+                     f"log {impair_log_path(lab.name)}")
     if lab.topology == "operator":
         lines += [
             f"  server      {lab.server_addr} {lab.server_addr6}  (plain TCP)",
@@ -108,7 +148,7 @@ def format_facts(lab: Lab) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    specs = path_specs(args.paths, args.rate)
+    specs = path_specs(args.paths, args.rate, args.delay, args.loss)
     lab = Lab.create(specs, name=args.name, topology=args.topology, persistent=True)
     print(json.dumps(lab.facts(), indent=2) if args.json else format_facts(lab))
     return 0
@@ -151,12 +191,17 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"{name}  ({exc})")
             continue
         rates = ", ".join(f"{a.rate_mbit:g}" if a.rate_mbit else "-" for a in lab.paths)
+        if any(a.spec.impaired for a in lab.paths):
+            rates += "] delay ms=[" + ", ".join(f"{a.delay_ms:g}" for a in lab.paths)
+            rates += "] loss %=[" + ", ".join(f"{a.loss_pct:g}" for a in lab.paths)
         if lab.persistent:
             owner = "persistent"
         elif os.path.exists(f"/proc/{lab.owner_pid}"):
             owner = f"owned by pid {lab.owner_pid}"
         else:  # its process was SIGKILLed before it could clean up
             owner = f"stale: pid {lab.owner_pid} is gone"
+        if lab.impair_pid is not None and not os.path.exists(f"/proc/{lab.impair_pid}"):
+            owner += "  (delay emulator gone: its paths carry nothing)"
         print(f"{name}  {lab.topology}  paths={len(lab.paths)} Mbit/s=[{rates}]  "
               f"server={lab.server_addr}  {owner}")
     return 0

@@ -29,6 +29,16 @@ Both access paths are shaped with tbf at both ends; the core links are not.
 The client is set up as in ``basic`` (default route via path 0, so through the
 proxy), except that its endpoints are also ``fullmesh`` (see render_node).
 
+Access paths may also have a one-way delay and a random loss
+(``PathSpec(delay_ms=..., loss_pct=...)``), applied in each direction: a
+round trip over a path of 10 ms gains 20 ms, and a loss of 1% loses 1% of the
+packets each way. There is no netem on these machines, so the lab emulates
+both with :mod:`mptcp_proxy.lab.impair`: one process per lab, in the client
+namespace, holding the ids of packets that an iptables NFQUEUE rule queues
+where they arrive (the gateway's end for client-to-gateway traffic, the
+client's end for the way back). Paths without delay or loss get no queue.
+Delay comes on top of the tbf rate, like propagation after serialisation.
+
 IPv6 mirrors IPv4: ``fd00:K:I::1/64`` for ``10.K.I.1/24``. ``K`` is derived from
 the lab name so that two labs never look alike in a trace (their namespaces
 keep them apart anyway). The proxy namespace is also a router, so the client
@@ -107,6 +117,12 @@ UPLINK_SUBNET = 253          # operator: proxy uplink (its public address) to th
 MPSERVER_SUBNET = 252        # operator: router to the MPTCP server
 LINK_UP_TIMEOUT_S = 3.0
 
+# Path delay and loss (PathSpec): the emulator's bounds. 100% loss is a path
+# that is down: set_path_up(i, False) says so more clearly.
+MAX_DELAY_MS = 10_000.0
+# The delay emulator must bind its queues within this time, or the build fails.
+IMPAIR_READY_TIMEOUT_S = 10.0
+
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,23}$")
 SERVER_LINK_IF = "srvlink"
 
@@ -124,9 +140,30 @@ class PathSpec:
     ``None`` leaves the path unshaped. TCP goodput is about 95% of it
     (Ethernet, IP and TCP headers)."""
 
+    delay_ms: float = 0.0
+    """One-way delay added in each direction, in ms (a round trip gains twice
+    it). Emulated on NFQUEUE (see :mod:`mptcp_proxy.lab.impair`); 0: none."""
+    loss_pct: float = 0.0
+    """Probability, in percent, that a packet is lost, drawn independently for
+    each packet in each direction; 0: none."""
+
     def __post_init__(self) -> None:
         if self.rate_mbit is not None and not 0.01 <= self.rate_mbit <= 100_000:
             raise LabError(f"path rate {self.rate_mbit} Mbit/s is out of range")
+        check_impairment(self.delay_ms, self.loss_pct)
+
+    @property
+    def impaired(self) -> bool:
+        """The path needs the delay emulator (it has delay or loss)."""
+        return self.delay_ms > 0 or self.loss_pct > 0
+
+
+def check_impairment(delay_ms: float, loss_pct: float) -> None:
+    """Refuse a delay or loss the emulator cannot give (LabError naming the range)."""
+    if not 0.0 <= delay_ms <= MAX_DELAY_MS:
+        raise LabError(f"path delay {delay_ms} ms is out of range 0-{MAX_DELAY_MS:g}")
+    if not 0.0 <= loss_pct < 100.0:
+        raise LabError(f"path loss {loss_pct}% is out of range 0-100 (100 excluded)")
 
 
 @dataclass(frozen=True)
@@ -151,6 +188,14 @@ class AccessPath:
     @property
     def rate_mbit(self) -> float | None:
         return self.spec.rate_mbit
+
+    @property
+    def delay_ms(self) -> float:
+        return self.spec.delay_ms
+
+    @property
+    def loss_pct(self) -> float:
+        return self.spec.loss_pct
 
     @property
     def table(self) -> int:
@@ -581,6 +626,11 @@ def state_path(name: str) -> Path:
     return STATE_DIR / f"{name}.json"
 
 
+def impair_log_path(name: str) -> Path:
+    """Where lab ``name``'s delay emulator writes its log."""
+    return STATE_DIR / f"{name}.impair.log"
+
+
 class Lab:
     """A built topology. Use :meth:`create` or :meth:`attach`, not the constructor.
 
@@ -602,6 +652,9 @@ class Lab:
         self.mpserver = Node("mpserver", plan.ns("mpserver")) if "mpserver" in plan.roles \
             else None
         self._owned = owned  # built by this handle: leaving `with` destroys it
+        self.impair_pid: int | None = None
+        """The delay emulator's process (None: no path has delay or loss)."""
+        self._impair_proc: subprocess.Popen | None = None
         self._destroyed = False
         # Reentrant: the SIGTERM handler runs on the main thread, maybe in
         # the middle of a destroy() of the same lab.
@@ -701,8 +754,10 @@ class Lab:
         missing = [ns for ns in plan.namespaces if not netns.exists(ns)]
         if missing:
             raise LabError(f"lab {name} is broken: namespaces {missing} are gone")
-        return cls(plan, owner_pid=data.get("owner_pid"),
-                   persistent=bool(data.get("persistent")), owned=False)
+        lab = cls(plan, owner_pid=data.get("owner_pid"),
+                  persistent=bool(data.get("persistent")), owned=False)
+        lab.impair_pid = data.get("impair_pid")
+        return lab
 
     def _build(self) -> None:
         plan = self.plan
@@ -716,7 +771,25 @@ class Lab:
             netns.ip_batch(lines6, node.ns, family="-6")
             netns.tc_batch(render_shaping(plan, node.role), node.ns)
         netns.wait_links_up(self._links(), LINK_UP_TIMEOUT_S)
+        self._start_impairment()
         self._write_state()
+
+    def _start_impairment(self) -> None:
+        """Start the delay emulator and queue the impaired paths to it, if any.
+
+        The emulator lives in the client namespace, so removing the lab kills
+        it; its queues are bound before any rule sends packets to them.
+        """
+        from mptcp_proxy.lab import impair  # the emulator's module imports this one
+
+        queues = impair.plan_queues(self.plan)
+        if not queues:
+            return
+        self._impair_proc = impair.start(self.client.ns, queues, impair_log_path(self.name),
+                                         timeout=IMPAIR_READY_TIMEOUT_S)
+        self.impair_pid = self._impair_proc.pid
+        for ns in dict.fromkeys(q.ns for q in queues):
+            impair.install_rules(ns, [q for q in queues if q.ns == ns])
 
     def _links(self, index: int | None = None) -> list[tuple[str, str]]:
         """``(ns, ifname)`` of both ends of path ``index``, or of every link."""
@@ -736,7 +809,7 @@ class Lab:
     def _write_state(self) -> None:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         state = {"plan": self.plan.to_dict(), "owner_pid": self.owner_pid,
-                 "persistent": self.persistent}
+                 "persistent": self.persistent, "impair_pid": self.impair_pid}
         tmp = state_path(self.name).with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n")
         tmp.replace(state_path(self.name))
@@ -749,6 +822,13 @@ class Lab:
             remove_lab(self.name)
             self._destroyed = True
             _unregister(self)
+            if self._impair_proc is not None:
+                # Killed with the lab's namespaces: collect its exit status.
+                try:
+                    self._impair_proc.wait(netns.KILL_WAIT_S)
+                except subprocess.TimeoutExpired:
+                    log.warning("delay emulator %d of lab %s did not exit",
+                                self._impair_proc.pid, self.name)
 
     def __enter__(self) -> Lab:
         return self
@@ -784,6 +864,7 @@ class Lab:
         """The lab as plain data (what ``lab up`` prints)."""
         return {"name": self.name,
                 "namespaces": dict(zip(self.plan.roles, self.plan.namespaces)),
+                "impair_pid": self.impair_pid,
                 **self.plan.to_dict()}
 
 
@@ -792,6 +873,7 @@ def remove_lab(name: str) -> None:
     name = canonical_name(name)
     netns.delete([name + ROLE_SUFFIX[role] for role in ALL_ROLES])
     state_path(name).unlink(missing_ok=True)
+    impair_log_path(name).unlink(missing_ok=True)
 
 
 def list_labs() -> list[str]:
