@@ -1,0 +1,110 @@
+"""Release bytes written on a TCP Fast Open MPTCP socket before its handshake completed.
+
+Measured on Linux 6.18 (tests/integration/test_establish.py): a listener with
+TCP_FASTOPEN hands out the MPTCP socket as soon as the client's SYN with data
+arrives, in SYN_RECV. Bytes written to it then are queued but not sent when
+the client's third ACK completes the handshake; they stay queued until
+something else pushes the socket (another write, or setting TCP_NODELAY or
+TCP_CORK). Plain TCP sends them at once. A converter that answers a 0-RTT
+request before the third ACK arrives, which is every time the client is more
+than a fraction of a millisecond away, would otherwise wait forever for a
+client that waits for the answer.
+
+:class:`EstablishWatcher` watches such sockets on one shared timer (a
+getsockopt per socket and tick) and, once the handshake is complete, sets
+TCP_NODELAY again, which pushes what is queued. Sockets leave the watch when
+established, closed, or after ``give_up`` seconds (a spoofed SYN never
+completes).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from mptcp_proxy.dataplane.reactor import Reactor, Timer
+
+log = logging.getLogger(__name__)
+
+TCP_ESTABLISHED = 1
+TCP_SYN_RECV = 3
+TICK = 0.001                 # seconds between checks: the added latency is at most this
+GIVE_UP = 5.0                # seconds: a handshake not done by then is not coming
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """``tcpi_state`` (first byte of TCP_INFO); for MPTCP, the connection's state."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+class EstablishWatcher:
+    """Pushes queued bytes of TFO-accepted sockets once their handshake completes."""
+
+    def __init__(self, reactor: Reactor, tick: float = TICK, give_up: float = GIVE_UP) -> None:
+        self.reactor = reactor
+        self.tick = tick
+        self.give_up = give_up
+        self._watched: dict[int, tuple[socket.socket, float]] = {}
+        self._timer: Timer | None = None
+        self.pushed = 0
+        """Sockets pushed after their handshake completed."""
+        self.expired = 0
+        """Sockets given up on (handshake never completed within ``give_up``)."""
+
+    def __len__(self) -> int:
+        return len(self._watched)
+
+    def watch(self, sock: socket.socket) -> bool:
+        """Watch ``sock`` if its handshake is still in progress; True if it is."""
+        try:
+            if tcp_state(sock) != TCP_SYN_RECV:
+                return False
+        except OSError:
+            return False
+        self._watched[sock.fileno()] = (sock, self.reactor.now + self.give_up)
+        if self._timer is None:
+            self._timer = self.reactor.call_later(self.tick, self._check)
+        return True
+
+    def forget(self, sock: socket.socket) -> None:
+        """Stop watching (call before closing ``sock``: its fd number may be reused)."""
+        fd = sock.fileno()
+        if fd >= 0:
+            entry = self._watched.get(fd)
+            if entry is not None and entry[0] is sock:
+                del self._watched[fd]
+
+    def close(self) -> None:
+        self._watched.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        now = self.reactor.now
+        for fd, (sock, deadline) in list(self._watched.items()):
+            if sock.fileno() != fd:      # closed (and maybe reused) behind our back
+                del self._watched[fd]
+                continue
+            try:
+                state = tcp_state(sock)
+            except OSError:
+                del self._watched[fd]
+                continue
+            if state == TCP_SYN_RECV:
+                if now >= deadline:
+                    del self._watched[fd]
+                    self.expired += 1
+                    log.debug("fd %d: handshake not completed in %.0fs", fd, self.give_up)
+                continue
+            del self._watched[fd]
+            try:
+                # Any state past SYN_RECV: the handshake is done (or the peer
+                # closed); setting TCP_NODELAY pushes what is queued.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.pushed += 1
+            except OSError:
+                pass
+        if self._watched:
+            self._timer = self.reactor.call_later(self.tick, self._check)

@@ -1,0 +1,133 @@
+"""Bytes written to a TFO-accepted MPTCP socket before the third ACK (Linux 6.18).
+
+The kernel fact behind ``dataplane/establish.py``, and the workaround, on a lab
+path with 20 ms of delay each way (so the server writes while the socket is
+still in SYN_RECV). Each case: a client sends 5 bytes in its SYN (TFO, no
+cookie); the server accepts, reads them and writes 1 KiB at once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from mptcp_proxy.dataplane.establish import TCP_SYN_RECV, EstablishWatcher, tcp_state
+from mptcp_proxy.dataplane.reactor import Reactor
+from mptcp_proxy.lab import Lab, PathSpec
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+]
+
+IPPROTO_MPTCP = 262
+TCP_FASTOPEN = 23
+TCP_FASTOPEN_NO_COOKIE = 34
+DELAY_MS = 20
+ANSWER = bytes(range(256)) * 4
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with Lab.create([PathSpec(delay_ms=DELAY_MS)]) as lab:
+        lab.proxy.sysctl("net.ipv4.tcp_fastopen", 3)
+        yield lab
+
+
+def tfo_exchange(lab: Lab, port: int, mptcp: bool, after_write, timeout: float = 2.0):
+    """(answer bytes received, seconds to receive them or None, server socket state
+    seen right after accept)."""
+    addr = (lab.paths[0].proxy_addr, port)
+    proto = IPPROTO_MPTCP if mptcp else 0
+    with lab.proxy.enter():
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, 16)
+    listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+    listener.bind(addr)
+    listener.listen(8)
+    seen: dict = {}
+    done = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            seen["state"] = tcp_state(conn)
+            assert conn.recv(100) == b"hello"
+            conn.sendall(ANSWER)
+            after_write(conn)
+            done.wait(timeout + 1)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    with lab.client.enter():
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
+    with sock, listener:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+        sock.settimeout(timeout)
+        start = time.monotonic()
+        assert sock.sendto(b"hello", socket.MSG_FASTOPEN, addr) == 5
+        got, elapsed = b"", None
+        try:
+            while len(got) < len(ANSWER):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+            elapsed = time.monotonic() - start
+        except socket.timeout:
+            pass
+        done.set()
+        server.join(timeout + 2)
+    return got, elapsed, seen.get("state")
+
+
+def test_plain_tcp_sends_at_once(lab):
+    got, elapsed, state = tfo_exchange(lab, 7100, mptcp=False, after_write=lambda c: None)
+    assert state == TCP_SYN_RECV
+    assert got == ANSWER
+    assert elapsed < 1.5 * 2 * DELAY_MS / 1000    # one round trip: 0-RTT
+
+
+def test_mptcp_keeps_early_bytes_queued_kernel_fact(lab):
+    """If this fails, the kernel sends them by itself now: the watcher is moot."""
+    got, elapsed, state = tfo_exchange(lab, 7101, mptcp=True, after_write=lambda c: None,
+                                       timeout=1.0)
+    assert state == TCP_SYN_RECV
+    assert got == b"" and elapsed is None
+
+
+def test_watcher_releases_them_once_established(lab):
+    reactor = Reactor()
+    watcher = EstablishWatcher(reactor)
+    loop = threading.Thread(target=reactor.run, daemon=True)
+    loop.start()
+    results: list[bool] = []
+    try:
+        def watch(conn: socket.socket) -> None:
+            ready = threading.Event()
+
+            def add() -> None:
+                results.append(watcher.watch(conn))
+                ready.set()
+            reactor.call_soon_threadsafe(add)
+            ready.wait(2)
+            deadline = time.monotonic() + 2
+            while len(watcher) and time.monotonic() < deadline:
+                time.sleep(0.005)
+
+        got, elapsed, state = tfo_exchange(lab, 7102, mptcp=True, after_write=watch)
+    finally:
+        reactor.call_soon_threadsafe(reactor.stop)
+        loop.join(5)
+        reactor.close()
+    assert state == TCP_SYN_RECV and results == [True]
+    assert got == ANSWER
+    rtt = 2 * DELAY_MS / 1000
+    # Sent when the third ACK arrives: two round trips, plus at most a tick or two.
+    assert 1.8 * rtt < elapsed < 2 * rtt + 0.02, elapsed
+    assert watcher.pushed == 1 and watcher.expired == 0 and len(watcher) == 0
