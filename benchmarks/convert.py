@@ -39,17 +39,23 @@ MPTCP not used toward a proxy); speed is never pass/fail. ``--profile`` adds
 one c=64 run each of (f) and (c) with py-spy attached to the proxy (not in
 the figures) and prints where each proxy's time goes per connection.
 
-Measured here (Linux 6.18, 2 cores): (c)/(f) is 0.6-0.7 at c=1 and 0.4-0.5 at
-c=64, far from 0.90. The converter is CPU-bound at c=64 (~93% of a core,
-~400 us per connection against the forwarder's 135-175 us, mostly user time);
-``--profile`` shows the difference is Python work per connection that
-``forward`` does not do: two full TCP_INFO parses (the SYN-data check at
-accept and the negotiated options after connecting, unused for a base
-Connect), decoding the Convert message (whose dataclasses re-encode the
-Connect TLV, building an IPv6Address, to check its length), the target
-policy, address formatting and an extra epoll unregister/register of the
-client socket. The relaying itself costs the same in both. 0-RTT does not
-help here: (c) and (c1) cost the same CPU and (c) was no faster at c=1.
+Measured here (Linux 6.18, 2 cores; runs convert-20261126-123911, -124550,
+-124747, -124857, -125630): (c)/(f) is 0.96-1.03 at c=1 (target met) and
+0.83-0.87 at c=64 (before: 0.79-0.87 at c=1, 0.58-0.63 at c=64, until the
+converter's per-connection path was trimmed: codec fast path for the base
+Connect, memoized policy answers and addresses, TCP_INFO read after connecting
+only for an extended Connect or SYN data, the reply leaving with the server's
+first bytes in one segment). At c=64 the converter is the one process near a
+full core (~85%), at 170-195 us per connection against the forwarder's 140-160
+us (it was ~315 us). What is left, measured per phase with thread CPU clocks:
+~14 us of Python in the handshake (decode, decide, the sans-IO objects), two
+syscalls ``forward`` does not make (TCP_INFO for the ``tfo=`` field, the recv
+of the message, ~6 us), and a connect() that costs ~4-9 us more (perf: the
+softirq inside it wakes the server's accept more expensively; the lab's two
+cores are shared with the load generators, whose (c) clients also cost ~10 us
+more per connection). The relaying itself costs the same in both. 0-RTT does
+not help in this lab: (c) and (c1) cost about the same CPU and a round trip is
+tens of microseconds.
 
 Also measured: (a)'s MPTCP client sockets, fallen back
 to TCP against the TCP-only server, now and then (about 1 in 30,000) receive

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from mptcp_proxy.dataplane import relay as relay_mod
+from mptcp_proxy.observe.sockinfo import tcp_info
 from tests.support.relay_harness import RelayHarness
 from tests.support.traffic import (
     Thread, payload, recv_until_eof, send_all_and_shut, sha256,
@@ -252,3 +253,59 @@ def test_200_concurrent_relays(harness):
     for _, _, relay in pairs:
         harness.wait_closed(relay)
         assert relay.reason == relay_mod.REASON_DONE
+
+
+def test_initial_bytes_go_at_once_when_nothing_waits(harness):
+    """Handshake bytes are never held back for data that has not come."""
+    client, server, relay = harness.pair(initial_to_client=b"REPLY")
+    client.settimeout(2)
+    assert client.recv(100) == b"REPLY"
+    _exchange(client, server, b"up", b"down")
+    harness.wait_closed(relay)
+
+
+def test_initial_bytes_come_before_data_already_waiting(harness):
+    waiting = payload(30_000, 13)
+    client, server, relay = harness.pair(initial_to_client=b"REPLY", server_first=waiting)
+    r_server, r_client = _exchange(client, server, b"", b"")
+    assert r_client == (sha256(b"REPLY" + waiting), 5 + len(waiting))
+    assert r_server == (sha256(b""), 0)
+    harness.wait_closed(relay)
+    assert relay.bytes_down == 5 + len(waiting)
+
+
+def test_initial_bytes_and_waiting_data_leave_in_one_segment():
+    """Splice: a converter's reply rides with the server's first bytes, not in a
+    small segment of its own (one TCP data segment out of the client socket)."""
+    h = RelayHarness(splice=True)
+    try:
+        client, server, relay = h.pair(initial_to_client=b"REPLY", server_first=b"x" * 1000)
+        client.settimeout(2)
+        got = b""
+        while len(got) < 1005:
+            got += client.recv(2000)
+        assert got == b"REPLY" + b"x" * 1000
+        segs = h.run_in_loop(lambda: tcp_info(relay.sa).data_segs_out)
+        assert segs == 1
+        _exchange(client, server, b"", b"")
+        h.wait_closed(relay)
+    finally:
+        h.close()
+
+
+def test_reset_waiting_at_relay_start_still_delivers_initial_bytes_first(harness):
+    """The upstream reset before the relay started: the client gets the handshake's
+    bytes, then a reset (as when they were written before the first read)."""
+    client, server, relay = harness.pair(initial_to_client=b"REPLY", server_reset=True)
+    harness.wait_closed(relay)
+    assert relay.reason == relay_mod.REASON_UPSTREAM_RESET
+    client.settimeout(2)
+    got = b""
+    with pytest.raises(OSError) as info:
+        while True:
+            data = client.recv(100)
+            if not data:
+                break
+            got += data
+    assert info.value.errno in (errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE)
+    assert got == b"REPLY"

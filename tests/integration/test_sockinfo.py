@@ -386,3 +386,23 @@ def test_live_subflow_count_matches_mptcp_info():
     finally:
         for s in (cli, acc, srv, tcp):
             s.close()
+
+
+@pytest.mark.parametrize("proto", [socket.IPPROTO_TCP, si.IPPROTO_MPTCP])
+def test_tcp_option_bits_match_the_full_tcp_info(proto):
+    """The 6-byte read the converter does per connection gives tcpi_options."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    cli = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
+    cli.connect(srv.getsockname())
+    acc, _ = srv.accept()
+    try:
+        for end in (cli, acc):
+            bits = si.tcp_option_bits(end)
+            assert bits == si.tcp_options(end)[0] == si.tcp_info(end).options
+            assert bits & si.TCPI_OPT_SACK  # loopback negotiates SACK
+            assert not bits & si.TCPI_OPT_SYN_DATA
+    finally:
+        for s in (cli, acc, srv):
+            s.close()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
+import sys
+import termios
 import threading
 import time
 
@@ -57,7 +61,9 @@ class RelayHarness:
         return box[0] if box else None
 
     def pair(self, initial_to_upstream: bytes = b"", initial_to_client: bytes = b"",
-             probe: bool = False):
+             probe: bool = False, server_first: bytes = b"", server_reset: bool = False):
+        """``server_first``: bytes the server sent that wait at the proxy when the
+        relay starts; ``server_reset``: the server reset the connection by then."""
         client = connect(self.front.getsockname(), mptcp=self.client_mptcp)
         proxy_a, _ = self.front.accept()
         proxy_b = connect(self.back.getsockname(), mptcp=self.server_mptcp)
@@ -68,6 +74,16 @@ class RelayHarness:
         client.settimeout(30)
         server.settimeout(30)
         self._mine += [client, server]
+        if server_first:
+            server.sendall(server_first)
+            _wait_queued(proxy_b, len(server_first))
+        if server_reset:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            server.close()
+            deadline = time.monotonic() + 5
+            # (Not SO_ERROR: reading it would clear the reset the relay must see.)
+            while _tcp_state(proxy_b) != TCP_CLOSE and time.monotonic() < deadline:
+                time.sleep(0.005)
         relay = self.run_in_loop(lambda: self.engine.relay(
             proxy_a, proxy_b, initial_to_upstream=initial_to_upstream,
             initial_to_client=initial_to_client, probe_upstream_close=probe))
@@ -92,3 +108,22 @@ class RelayHarness:
         self.reactor.close()
         for s in self._mine + [self.front, self.back]:
             s.close()
+
+
+TCP_CLOSE = 7
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.SOL_TCP, socket.TCP_INFO, 8)[0]
+
+
+def _wait_queued(sock: socket.socket, size: int, timeout: float = 5.0) -> None:
+    """Until ``size`` bytes wait in ``sock``'s receive queue (FIONREAD)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queued = int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4),
+                                sys.byteorder)
+        if queued >= size:
+            return
+        time.sleep(0.002)
+    raise TimeoutError(f"{size} bytes never arrived at the proxy")

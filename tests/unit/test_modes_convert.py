@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mptcp_proxy.modes.convert import (
+    BARE_REPLY,
     COOKIE_LEN,
     CloseQuietly,
     ConvertHandshake,
@@ -514,3 +515,62 @@ def test_fuzz_segmentation_does_not_change_the_answer(data, size):
         assert whole.early_data.startswith(split.early_data)
     else:
         assert isinstance(split, ReplyAndClose) and split.code == whole.code
+
+
+# --------------------------------------------------------------------------
+# Per-connection shortcuts: the same answers, less work
+# --------------------------------------------------------------------------
+
+def test_bare_reply_is_the_encoded_empty_message():
+    assert BARE_REPLY == ConvertMessage(()).encode() == HEADER_ONLY
+
+
+def test_base_connect_needs_no_negotiated_options():
+    hs = handshake()
+    hs.receive(connect_bytes() + APP)
+    assert not hs.wants_negotiated
+    assert hs.upstream_connected(None) == StartRelay(BARE_REPLY)
+
+
+@pytest.mark.parametrize("info", [False, True])
+def test_extended_connect_wants_negotiated_options(info):
+    option = TcpOption(TcpOptionKind.SACK_PERMITTED)
+    hs = handshake()
+    tlvs = [ConnectTlv(PORT, TARGET, (option,))] + ([InfoTlv()] if info else [])
+    hs.receive(message(*tlvs))
+    assert hs.wants_negotiated
+    with pytest.raises(RuntimeError):
+        hs.upstream_connected(None)
+
+
+def test_info_with_base_connect_is_answered_without_negotiated_options():
+    hs = handshake()
+    hs.receive(message(InfoTlv(), ConnectTlv(PORT, TARGET)))
+    assert not hs.wants_negotiated
+    assert reply_of(hs.upstream_connected(None)) == ConvertMessage((SupportedTcpExtTlv(KINDS),))
+
+
+def test_policy_memos_give_the_policies_answers():
+    settings = make_settings(clients=ClientPolicy(parse_networks(["10.0.0.0/8"], "k")))
+    for address in ["192.0.2.10", "192.0.2.1", "127.0.0.1", "::ffff:127.0.0.1", "10.1.1.1",
+                    "8.8.8.8", "2002:7f00:1::", "224.0.0.1", "192.0.2.10"]:
+        addr = ip(address)
+        assert settings.check_target(addr) == settings.targets.check(addr)
+        assert settings.check_target(addr) is settings.check_target(addr)
+        assert settings.allows_client(addr) == settings.clients.allows(addr)
+
+
+def test_policy_memos_are_bounded_and_not_shared_across_refreshes(monkeypatch):
+    import dataclasses
+
+    from mptcp_proxy.modes import convert as mode
+    monkeypatch.setattr(mode, "MEMO_SIZE", 4)
+    settings = make_settings()
+    for i in range(10):
+        settings.check_target(ip(f"192.0.2.{i}"))
+        settings.allows_client(ip(f"10.0.0.{i}"))
+        assert len(settings._targets_memo) <= 4 and len(settings._clients_memo) <= 4
+    refreshed = dataclasses.replace(
+        settings, targets=settings.targets.with_local({ip("192.0.2.10")}))
+    assert refreshed.check_target(TARGET).verdict != settings.check_target(TARGET).verdict
+    assert refreshed == dataclasses.replace(refreshed)  # memos take no part in equality

@@ -50,6 +50,7 @@ from mptcp_proxy.wire.convert import (
     encode_tlv,
     error_reply_for,
 )
+from mptcp_proxy.wire.convert import _decode_message_general as decode_general
 
 CLIENT = ConvertSender.CLIENT
 CONVERTER = ConvertSender.CONVERTER
@@ -955,3 +956,109 @@ def test_errors_do_not_depend_on_what_follows(data: bytes, sender: ConvertSender
     first = outcome(data, sender)
     assume(first[0] == "error")
     assert outcome(data + suffix, sender) == first
+
+
+# --------------------------------------------------------------------------
+# The fast path for header + one base Connect TLV (the common message)
+# --------------------------------------------------------------------------
+
+BASE_CONNECT_PREFIX = struct.pack("!BBHBB", VERSION, 6, MAGIC, ConvertTlvType.CONNECT, 5)
+
+
+def general_outcome(data: bytes, sender: ConvertSender, private: frozenset[int] = frozenset()):
+    """What the general path (no fast path) makes of ``data``, as a comparable value."""
+    try:
+        message, consumed = decode_general(bytes(data[:MAX_MESSAGE_LEN]), sender, private)
+    except IncompleteConvertMessage as incomplete:
+        return ("more", incomplete.needed)
+    except ConvertProtocolError as error:
+        return ("error", type(error), error.code, str(error))
+    return ("message", message, consumed)
+
+
+def full_outcome(data, sender: ConvertSender, private: frozenset[int] = frozenset()):
+    try:
+        message, consumed = decode_message(data, sender, private_types=private)
+    except IncompleteConvertMessage as incomplete:
+        return ("more", incomplete.needed)
+    except ConvertProtocolError as error:
+        return ("error", type(error), error.code, str(error))
+    return ("message", message, consumed)
+
+
+base_connect_like = st.builds(
+    lambda body, tail: BASE_CONNECT_PREFIX + body + tail,
+    st.one_of(st.binary(min_size=18, max_size=18),
+              st.builds(lambda port, rest: port + rest,
+                        st.sampled_from([b"\x00\x00", b"\x00\x01", b"\xff\xff", b"\x01\xbb"]),
+                        st.one_of(st.binary(min_size=16, max_size=16),
+                                  st.binary(min_size=4, max_size=4).map(
+                                      lambda v4: bytes(10) + b"\xff\xff" + v4)))),
+    st.binary(max_size=12))
+
+
+@FUZZ
+@given(st.one_of(base_connect_like,
+                 base_connect_like.map(lambda data: data[:len(data) // 2]),
+                 mutated_messages(),
+                 header_prefixed,
+                 st.binary(max_size=40)),
+       senders, st.sampled_from([frozenset(), ALLOWED_PRIVATE]),
+       st.sampled_from([bytes, bytearray, memoryview]))
+def test_fast_path_decodes_exactly_like_the_general_path(data: bytes, sender: ConvertSender,
+                                                         private: frozenset[int],
+                                                         kind) -> None:
+    """Same message (and consumed length), same need-more, same error class, code and text."""
+    assert full_outcome(kind(data), sender, private) == general_outcome(data, sender, private)
+
+
+@pytest.mark.parametrize("address", ["192.0.2.1", "2001:db8::1", "::ffff:198.51.100.7",
+                                     "::", "::1", "0.0.0.0"])
+@pytest.mark.parametrize("port", [1, 443, 65535])
+def test_fast_path_message_equals_the_constructed_one(address: str, port: int) -> None:
+    built = ConvertMessage((ConnectTlv(port, ip(address)),))
+    wire = built.encode()
+    assert wire.startswith(BASE_CONNECT_PREFIX) and len(wire) == 24
+    message, consumed = decode_message(wire + APP_DATA, CLIENT)
+    assert (message, consumed) == (built, 24)
+    assert hash(message) == hash(built)
+    connect = message.connect
+    assert type(connect.address) is type(built.connect.address)
+    assert connect.options == () and not connect.extended
+    assert message.encode() == wire
+
+
+def test_fast_path_leaves_port_0_to_the_general_path() -> None:
+    wire = BASE_CONNECT_PREFIX + bytes(2) + bytes(10) + b"\xff\xff" + bytes((192, 0, 2, 1))
+    with pytest.raises(ConvertProtocolError) as info:
+        decode_message(wire, CLIENT)
+    assert info.value.code is E.MALFORMED_MESSAGE and "port 0" in str(info.value)
+
+
+def test_fast_path_is_only_for_client_messages() -> None:
+    wire = ConvertMessage((CONNECT_V4_TLV,)).encode()
+    with pytest.raises(ConvertProtocolError) as info:
+        decode_message(wire, CONVERTER)
+    assert info.value.code is E.UNSUPPORTED_MESSAGE
+
+
+def test_decoded_dataclasses_stay_frozen() -> None:
+    message, _ = decode_message(ConvertMessage((CONNECT_V4_TLV,)).encode(), CLIENT)
+    with pytest.raises(AttributeError):
+        message.connect.port = 80  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        message.tlvs = ()  # type: ignore[misc]
+
+
+def test_base_connect_takes_the_fast_path(monkeypatch) -> None:
+    from mptcp_proxy.wire import convert as codec
+
+    def general(*args):
+        raise AssertionError("the common message went the general way")
+
+    monkeypatch.setattr(codec, "_decode_message_general", general)
+    wire = ConvertMessage((CONNECT_V4_TLV,)).encode()
+    assert decode_message(wire, CLIENT) == (ConvertMessage((CONNECT_V4_TLV,)), len(wire))
+    decoder = ConvertDecoder(CLIENT)
+    assert decoder.feed(wire + APP_DATA) == ConvertMessage((CONNECT_V4_TLV,))
+    assert decoder.leftover == APP_DATA and decoder.received == wire

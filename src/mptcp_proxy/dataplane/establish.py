@@ -61,10 +61,14 @@ class EstablishWatcher:
                 return False
         except OSError:
             return False
+        self.add(sock)
+        return True
+
+    def add(self, sock: socket.socket) -> None:
+        """Watch ``sock``, known by the caller to be in SYN_RECV."""
         self._watched[sock.fileno()] = (sock, self.reactor.now + self.give_up)
         if self._timer is None:
             self._timer = self.reactor.call_later(self.tick, self._check)
-        return True
 
     def forget(self, sock: socket.socket) -> None:
         """Stop watching (call before closing ``sock``: its fd number may be reused)."""

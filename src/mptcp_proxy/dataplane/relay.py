@@ -29,6 +29,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import socket
 import struct
 import sys
@@ -47,6 +48,7 @@ LINGER_ABORT = struct.pack("ii", 1, 0)
 TCP_CLOSE_WAIT = 8
 IPPROTO_MPTCP = 262
 MIN_READ = 16384   # smallest read size: a few pages; FIONREAD may lag the subflows
+PIPE_BUF = select.PIPE_BUF  # a write of at most this into an empty pipe is whole or nothing
 
 # errnos meaning "this fd type cannot splice": fall back to copying.
 _NO_SPLICE_ERRNOS = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
@@ -223,7 +225,52 @@ class Relay:
         # (a speculative read costs a syscall per side, and more on MPTCP).
         for d in (self.ab, self.ba):
             if d.buf is not None and not self.closed:
-                self._pump(d)
+                if self.splice and len(d.buf) <= PIPE_BUF:
+                    self._stage_initial(d)
+                if not self.closed:
+                    self._pump(d)
+
+    def _stage_initial(self, d: Direction) -> None:
+        """Put a handshake's bytes (a reply, early data) in a pipe, followed by what
+        ``d.src`` has already received: one splice then sends both, in one segment
+        instead of a small one and then the data (a converter's reply and the
+        server's first bytes). Nothing waits: with nothing to read yet, the
+        handshake's bytes go alone, at once."""
+        pipes = self.engine.pipes
+        pipe = pipes.acquire()
+        if pipe is None:
+            return  # out of fds: _pump writes the bytes from memory
+        buf = d.buf
+        assert buf is not None  # only called with handshake bytes
+        try:
+            n = os.write(pipe[1], buf)
+        except OSError:
+            pipes.release(pipe)  # nothing written: it is still empty
+            return
+        # pipe(7): an empty pipe takes up to PIPE_BUF bytes whole (or refuses them).
+        assert n == len(buf)
+        d.pipe = pipe
+        d.pending = n
+        d.buf = None
+        size = pipes.size - n
+        if d.sized_reads:
+            size = min(size, max(MIN_READ, _queued(d.src)))
+        try:
+            d.pending += os.splice(d.src, pipe[1], size, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            pass  # nothing received yet
+        except OSError as exc:
+            if exc.errno in _NO_SPLICE_ERRNOS:
+                self.splice = False  # as _pump does: it reads by copying from now on
+                return
+            # Without staging the handshake's bytes were sent before the read
+            # failed: send them now, then fail the same way.
+            try:
+                os.splice(pipe[0], d.dst, d.pending, flags=SPLICE_FLAGS)
+            except OSError:
+                pass
+            self._fail(d.side, exc.errno)
+        # An EOF (0 bytes) is not recorded here: _pump's read meets it again.
 
     def _on_a(self, events: int) -> None:
         self._on_event(events, self.ab, self.ba)

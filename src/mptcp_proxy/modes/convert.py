@@ -59,6 +59,9 @@ from mptcp_proxy.modes.policy import (
     ClientPolicy, IPAddress, TargetDecision, TargetPolicy, TargetVerdict, normalize,
 )
 from mptcp_proxy.wire.convert import (
+    HEADER_WORDS,
+    MAGIC,
+    VERSION,
     ConnectTlv,
     ConvertDecoder,
     ConvertErrorCode,
@@ -67,6 +70,7 @@ from mptcp_proxy.wire.convert import (
     ConvertSender,
     ErrorTlv,
     ExtendedTcpHeaderTlv,
+    InfoTlv,
     SupportedTcpExtTlv,
     TcpOption,
     TcpOptionKind,
@@ -103,6 +107,11 @@ DEFAULT_NETWORK_RETRY_S = 5
 """Retry delay suggested with Network Failure (65)."""
 DEFAULT_RESOURCE_RETRY_S = 0
 """Retry delay suggested with Resource Exceeded (64); 0 means "at least 30 s"."""
+
+BARE_REPLY = bytes((VERSION, HEADER_WORDS)) + MAGIC.to_bytes(2, "big")
+"""The reply confirming a base Connect: a header alone (``ConvertMessage(()).encode()``)."""
+MEMO_SIZE = 4096
+"""Entries kept by each policy memo of :class:`ConvertSettings` (cleared when full)."""
 
 
 # --------------------------------------------------------------------------
@@ -290,6 +299,14 @@ class ConvertSettings:
     """Handshakes one client address may have open at once; above: Error 64."""
     network_retry_s: int = DEFAULT_NETWORK_RETRY_S
     resource_retry_s: int = DEFAULT_RESOURCE_RETRY_S
+    # Memos of the two policies' answers: settings are immutable (the server
+    # replaces them to refresh its addresses, which starts empty memos), and
+    # both policies are pure functions of the address, so a remembered answer
+    # is the answer. Saves a few microseconds per connection.
+    _targets_memo: dict[IPAddress, TargetDecision] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
+    _clients_memo: dict[IPAddress, bool] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "supported_kinds", tuple(self.supported_kinds))
@@ -299,6 +316,28 @@ class ConvertSettings:
         if self.max_pending_per_client < 1:
             raise ValueError("max_pending_per_client must be >= 1")
 
+    def check_target(self, address: IPAddress) -> TargetDecision:
+        """``targets.check(address)``, remembered."""
+        memo = self._targets_memo
+        decision = memo.get(address)
+        if decision is None:
+            decision = self.targets.check(address)
+            if len(memo) >= MEMO_SIZE:
+                memo.clear()
+            memo[address] = decision
+        return decision
+
+    def allows_client(self, address: IPAddress) -> bool:
+        """``clients.allows(address)``, remembered."""
+        memo = self._clients_memo
+        allowed = memo.get(address)
+        if allowed is None:
+            allowed = self.clients.allows(address)
+            if len(memo) >= MEMO_SIZE:
+                memo.clear()
+            memo[address] = allowed
+        return allowed
+
 
 _DECODING_REASONS = {
     ConvertErrorCode.UNSUPPORTED_VERSION: "unsupported-version",
@@ -307,8 +346,15 @@ _DECODING_REASONS = {
 }
 
 
+_READING = HandshakeState.READING
+_CONNECTING = HandshakeState.CONNECTING
+
+
 class ConvertHandshake:
     """The converter's side of one RFC 8803 connection."""
+
+    __slots__ = ("settings", "client", "wall_now", "state", "decoder", "message", "connect",
+                 "early_data", "target", "outcome", "_info")
 
     def __init__(self, settings: ConvertSettings, client: IPAddress, wall_now: float) -> None:
         self.settings = settings
@@ -317,20 +363,16 @@ class ConvertHandshake:
         self.state = HandshakeState.READING
         self.decoder = ConvertDecoder(ConvertSender.CLIENT)
         self.message: ConvertMessage | None = None
+        self.connect: ConnectTlv | None = None
+        """The message's Connect TLV, once it is decoded (None: none, or not yet)."""
+        self.early_data = b""
+        """Application bytes that followed the client's TLVs (once decoded)."""
         self.target: TargetDecision | None = None
         self.outcome = ""
         """``connect``, ``info``, ``connect+info``, ``error:CODE`` ... for the log line."""
+        self._info = False  # the message carried an Info TLV
 
     # -- properties ---------------------------------------------------------
-    @property
-    def connect(self) -> ConnectTlv | None:
-        return self.message.connect if self.message is not None else None
-
-    @property
-    def early_data(self) -> bytes:
-        """Application bytes that followed the client's TLVs."""
-        return self.decoder.leftover
-
     @property
     def received(self) -> int:
         """Bytes of the Convert message buffered so far."""
@@ -340,8 +382,9 @@ class ConvertHandshake:
     def start(self, pending_from_client: int = 0) -> Action | None:
         """The connection was accepted; ``pending_from_client`` other handshakes of
         the same address are open. An action means: do not read, answer now."""
-        self._expect(HandshakeState.READING)
-        if not self.settings.clients.allows(self.client):
+        if self.state is not _READING:
+            self._expect(_READING)
+        if not self.settings.allows_client(self.client):
             return self._refuse(ErrorTlv.not_authorized(), "client-not-allowed",
                                 f"client {self.client} not in the allowed networks")
         if pending_from_client >= self.settings.max_pending_per_client:
@@ -353,14 +396,22 @@ class ConvertHandshake:
 
     def receive(self, data: bytes) -> Action | None:
         """Bytes from the client; None while the Convert message is incomplete."""
-        self._expect(HandshakeState.READING)
+        if self.state is not _READING:
+            self._expect(_READING)
+        decoder = self.decoder
         try:
-            message = self.decoder.feed(data)
+            message = decoder.feed(data)
         except ConvertProtocolError as error:
             return self._refuse_decoding(error)
         if message is None:
             return None
         self.message = message
+        self.early_data = decoder.leftover
+        for tlv in message.tlvs:  # the codec guarantees one of each type at most
+            if type(tlv) is ConnectTlv:
+                self.connect = tlv
+            elif type(tlv) is InfoTlv:
+                self._info = True
         return self._decide(message)
 
     def receive_eof(self) -> Action:
@@ -384,15 +435,30 @@ class ConvertHandshake:
         return self._refuse(error_reply_for(error, self.decoder.received).tlvs[0],
                             "handshake-timeout", str(error))
 
-    def upstream_connected(self, negotiated: Negotiated) -> Action:
-        self._expect(HandshakeState.CONNECTING)
-        assert self.message is not None and self.message.connect is not None  # CONNECTING
-        tlvs = []
-        if self.message.info is not None:
-            tlvs.append(SupportedTcpExtTlv(self.settings.supported_kinds))
-        if self.message.connect.extended:
-            tlvs.append(ExtendedTcpHeaderTlv(negotiated.syn_ack_options()))
+    @property
+    def wants_negotiated(self) -> bool:
+        """The reply needs what was negotiated with the server (an extended Connect):
+        without it, :meth:`upstream_connected` may be called with None."""
+        connect = self.connect
+        return connect is not None and bool(connect.options)
+
+    def upstream_connected(self, negotiated: Negotiated | None) -> StartRelay:
+        if self.state is not _CONNECTING:
+            self._expect(_CONNECTING)
+        assert self.connect is not None  # CONNECTING
+        info = self._info
+        extended = bool(self.connect.options)
         self.state = HandshakeState.RELAYING
+        if not info and not extended:
+            return StartRelay(BARE_REPLY)  # the common case: nothing to build
+        tlvs = []
+        if info:
+            tlvs.append(SupportedTcpExtTlv(self.settings.supported_kinds))
+        if extended:
+            if negotiated is None:
+                # Our own sequencing bug (see wants_negotiated), never peer input.
+                raise RuntimeError("an extended Connect is answered from the negotiated options")
+            tlvs.append(ExtendedTcpHeaderTlv(negotiated.syn_ack_options()))
         return StartRelay(ConvertMessage(tuple(tlvs)).encode())
 
     def upstream_failed(self, failure: UpstreamFailure) -> Action:
@@ -410,7 +476,7 @@ class ConvertHandshake:
 
     # -- decisions ------------------------------------------------------------
     def _decide(self, message: ConvertMessage) -> Action:
-        connect = message.connect
+        connect = self.connect
         if connect is None:
             # Info alone (the codec guarantees Info or Connect): capabilities, then close.
             self.state = HandshakeState.CLOSING
@@ -426,7 +492,7 @@ class ConvertHandshake:
                     "missing-cookie", "no Cookie TLV")
             if not cookies.valid(self.client, cookie.cookie, self.wall_now):
                 return self._refuse(ErrorTlv.not_authorized(), "bad-cookie", "invalid cookie")
-        decision = self.settings.targets.check(connect.address)
+        decision = self.settings.check_target(connect.address)
         self.target = decision
         if decision.verdict is TargetVerdict.FORBIDDEN:
             # RFC 8803 §4.2.5: loopback, multicast, broadcast targets are Malformed.
@@ -437,14 +503,15 @@ class ConvertHandshake:
         if decision.verdict is TargetVerdict.DENIED:
             return self._refuse(ErrorTlv.not_authorized(), "target-denied",
                                 f"target {connect.address} refused: {decision.reason.value}")
-        refused = self._refused_options(connect)
+        options = connect.options
+        refused = self._refused_options(connect) if options else ()
         if refused:
             return self._refuse(ErrorTlv.unsupported_tcp_option(refused), "unsupported-option",
                                 f"unsupported TCP options {list(refused)}")
-        self.state = HandshakeState.CONNECTING
-        self.outcome = "connect+info" if message.info is not None else "connect"
-        return OpenUpstream(connect.address, connect.port, self.decoder.leftover,
-                            tuple(option.kind for option in connect.options))
+        self.state = _CONNECTING
+        self.outcome = "connect+info" if self._info else "connect"
+        return OpenUpstream(connect.address, connect.port, self.early_data,
+                            tuple(option.kind for option in options) if options else ())
 
     def _refused_options(self, connect: ConnectTlv) -> tuple[int, ...]:
         accepted = self.settings.connect_option_kinds
@@ -477,8 +544,8 @@ class ConvertHandshake:
 
 
 __all__ = [
-    "COOKIE_LEN", "CONNECT_OPTION_KINDS", "REFUSED_OPTION_KINDS", "Action", "CloseQuietly",
-    "ConvertHandshake", "ConvertSettings", "CookieAuthority", "HandshakeState", "Negotiated",
-    "OpenUpstream", "ReplyAndClose", "StartRelay", "TokenBucket", "UpstreamFailure",
-    "UpstreamFailureKind",
+    "BARE_REPLY", "COOKIE_LEN", "CONNECT_OPTION_KINDS", "REFUSED_OPTION_KINDS", "Action",
+    "CloseQuietly", "ConvertHandshake", "ConvertSettings", "CookieAuthority", "HandshakeState",
+    "Negotiated", "OpenUpstream", "ReplyAndClose", "StartRelay", "TokenBucket",
+    "UpstreamFailure", "UpstreamFailureKind",
 ]

@@ -693,6 +693,25 @@ def tcp_options(sock: FdLike) -> tuple[int, int]:
     return data[5], snd_wscale
 
 
+_TCPI_OPTIONS_OFFSET = 5   # tcpi_state, ca_state, retransmits, probes, backoff, options
+
+
+def tcp_option_bits(sock: socket.socket) -> int:
+    """``tcpi_options`` alone: the first 6 bytes of TCP_INFO, one getsockopt.
+
+    For a per-connection check of one bit (TCPI_OPT_SYN_DATA at accept).
+    """
+    return tcp_state_and_option_bits(sock)[1]
+
+
+def tcp_state_and_option_bits(sock: socket.socket) -> tuple[int, int]:
+    """``(tcpi_state, tcpi_options)`` from the first 6 bytes of TCP_INFO, one getsockopt."""
+    data = sock.getsockopt(SOL_TCP, TCP_INFO, _TCPI_OPTIONS_OFFSET + 1)
+    if len(data) <= _TCPI_OPTIONS_OFFSET:
+        raise SockInfoError(f"TCP_INFO shorter than {_TCPI_OPTIONS_OFFSET + 1} bytes")
+    return data[0], data[_TCPI_OPTIONS_OFFSET]
+
+
 def tcp_info(sock: FdLike) -> TcpInfo:
     """``TCP_INFO`` (of the first subflow on an MPTCP socket)."""
     return parse_tcp_info(_getsockopt_bytes(_fd(sock), SOL_TCP, TCP_INFO, _TCP_INFO_REQUEST))

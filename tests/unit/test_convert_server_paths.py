@@ -1,0 +1,128 @@
+"""ConvertServer's per-connection path with fake sockets: what it asks the kernel.
+
+No network: the client socket, the Connector and the relay are stand-ins, so
+these tests see which socket options the converter reads per connection (the
+real exchanges are in tests/integration/test_convert*.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import pytest
+
+from mptcp_proxy.config import Endpoint
+from mptcp_proxy.config_convert import ConvertConfig
+from mptcp_proxy.dataplane.connect import ConnectResult
+from mptcp_proxy.modes.convert import BARE_REPLY
+from mptcp_proxy.modes.policy import parse_networks
+from mptcp_proxy.observe.sockinfo import TCPI_OPT_SACK, TCPI_OPT_SYN_DATA
+from mptcp_proxy.server import convert as server_mod
+from mptcp_proxy.server.base import new_session
+from mptcp_proxy.server.convert import ConvertServer
+from mptcp_proxy.wire.convert import (
+    ConnectTlv, ConvertMessage, ConvertSender, TcpOption, TcpOptionKind, decode_message,
+)
+
+TARGET = ipaddress.ip_address("10.9.0.2")
+CLIENT_ADDR = ("10.1.0.2", 40000)
+
+
+class FakeSock:
+    """Answers recv() with a message and records every TCP_INFO read."""
+
+    proto = 262
+
+    def __init__(self, data: bytes = b"", options: int = 0) -> None:
+        self.data = data
+        self.options = options
+        self.tcp_info_reads = 0
+
+    def fileno(self) -> int:
+        return 1000 + id(self) % 1000
+
+    def recv(self, size: int) -> bytes:
+        data, self.data = self.data, b""
+        return data
+
+    def getsockopt(self, level, name, size=None):
+        if (level, name) == (socket.SOL_TCP, socket.TCP_INFO):
+            self.tcp_info_reads += 1
+            return bytes((1, 0, 0, 0, 0, self.options, 0x77, 0))[:size]
+        if size is None:
+            return 0
+        raise OSError(95, "not supported here")
+
+    def setsockopt(self, *args) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+    def negotiated_options(sock, mptcp):
+        # Stands in for the real one (a TCP_INFO read through the fd, which a
+        # fake cannot answer), counting the read.
+        sock.tcp_info_reads += 1
+        return (server_mod.Negotiated(mptcp=mptcp, sack=bool(sock.options & TCPI_OPT_SACK)),
+                bool(sock.options & TCPI_OPT_SYN_DATA))
+
+    monkeypatch.setattr(server_mod, "negotiated_options", negotiated_options)
+    config = ConvertConfig(listen=Endpoint("127.0.0.1", 0),
+                           allow_targets=parse_networks(["10.9.0.0/16"], "k"))
+    srv = ConvertServer(config)
+    srv.settings = srv._build_settings()
+    srv.relayed = []
+    srv.start_relay = lambda client, result, session, **kw: srv.relayed.append(kw)
+    try:
+        yield srv
+    finally:
+        srv.reactor.close()
+
+
+def run(server: ConvertServer, message: bytes, *, early_sent: int = 0,
+        upstream_options: int = 0) -> tuple[FakeSock, FakeSock]:
+    client = FakeSock(message, options=TCPI_OPT_SYN_DATA)
+    upstream = FakeSock(options=upstream_options)
+
+    def connect(family, sockaddr, callback, source=None, early_data=b""):
+        callback(ConnectResult(upstream, None, False, False, early_sent))
+
+    server.connector.connect = connect
+    server.handle_accept(client, CLIENT_ADDR, new_session(1, "client"))
+    return client, upstream
+
+
+def test_base_connect_reads_tcp_info_once_at_accept_and_not_after_connecting(server):
+    client, upstream = run(server, ConvertMessage((ConnectTlv(80, TARGET),)).encode())
+    assert (client.tcp_info_reads, upstream.tcp_info_reads) == (1, 0)
+    assert server.relayed[-1]["initial_to_client"] == BARE_REPLY
+    assert server.convert_stats.syn_data == 1
+    assert not server.pending and not server.pending_by_client
+
+
+def test_early_bytes_in_the_upstream_syn_are_checked(server):
+    message = ConvertMessage((ConnectTlv(80, TARGET),)).encode() + b"GET /"
+    _, upstream = run(server, message, early_sent=5, upstream_options=TCPI_OPT_SYN_DATA)
+    assert upstream.tcp_info_reads == 1
+    assert server.convert_stats.early_in_syn == 1
+
+
+def test_extended_connect_reads_the_negotiated_options(server):
+    option = TcpOption(TcpOptionKind.SACK_PERMITTED)
+    _, upstream = run(server, ConvertMessage((ConnectTlv(80, TARGET, (option,)),)).encode(),
+                      upstream_options=TCPI_OPT_SACK)
+    assert upstream.tcp_info_reads == 1
+    reply, _ = decode_message(server.relayed[-1]["initial_to_client"], ConvertSender.CONVERTER)
+    assert reply.extended_tcp_header.options == (TcpOption(TcpOptionKind.SACK_PERMITTED),)
+
+
+def test_pending_counts_per_client_return_to_zero(server, monkeypatch):
+    monkeypatch.setattr(server_mod, "MEMO_SIZE", 1)
+    for port in (80, 81, 82):
+        run(server, ConvertMessage((ConnectTlv(port, TARGET),)).encode())
+    assert not server.pending and not server.pending_by_client
+    assert len(server._clients) <= 1 and len(server._targets) <= 1
