@@ -131,3 +131,44 @@ def test_watcher_releases_them_once_established(lab):
     # Sent when the third ACK arrives: two round trips, plus at most a tick or two.
     assert 1.8 * rtt < elapsed < 2 * rtt + 0.02, elapsed
     assert watcher.pushed == 1 and watcher.expired == 0 and len(watcher) == 0
+
+
+def test_converter_answers_a_0rtt_request_across_a_delayed_path(lab):
+    """The converter's reply and the server's first bytes are written before the
+    client's third ACK arrives; they must reach the client (two round trips)."""
+    from mptcp_proxy.config import Endpoint, RelayConfig
+    from mptcp_proxy.config_convert import ConvertConfig
+    from mptcp_proxy.convert_client import TfoOutcome, open_connection
+    from mptcp_proxy.modes.policy import parse_networks
+    from mptcp_proxy.server.convert import ConvertServer
+    from tests.support.servers import HashServer, ProxyRunner
+    from tests.support.traffic import sha256
+
+    with lab.server.enter():
+        server = HashServer(lab.server_addr, reply_fn=lambda i: ANSWER)
+    k = lab.server_addr.split(".")[1]
+    config = ConvertConfig(listen=Endpoint(lab.paths[0].proxy_addr, 0), tfo_no_cookie=True,
+                           allow_targets=parse_networks([f"10.{k}.0.0/16"], "t"),
+                           relay=RelayConfig(connect_timeout=3))
+    with lab.proxy.enter():
+        converter = ConvertServer(config).start()
+    runner = ProxyRunner(converter, netns=lab.proxy.ns).start()
+    try:
+        start = time.monotonic()
+        with lab.client.enter():
+            conn = open_connection(runner.addr, server.addr, first_bytes=b"request",
+                                   tfo_no_cookie=True, cache=None, timeout=3)
+        with conn:
+            assert conn.tfo is TfoOutcome.ACKED
+            conn.sock.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := conn.recv(65536):
+                got += chunk
+        elapsed = time.monotonic() - start
+        assert got == ANSWER
+        assert elapsed < 3 * 2 * DELAY_MS / 1000, elapsed   # not stuck until a timeout
+        assert server.wait_received(1) == [(sha256(b"request"), 7)]
+        assert converter.establish.pushed >= 1
+    finally:
+        runner.stop()
+        server.close()

@@ -31,12 +31,14 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from mptcp_proxy.config_convert import ConvertConfig
 from mptcp_proxy.dataplane.connect import (
     REFUSED, RESOURCES, TIMEOUT, UNREACHABLE, ConnectResult, Connector, PendingConnect,
 )
+from mptcp_proxy.dataplane.establish import TCP_SYN_RECV, EstablishWatcher
 from mptcp_proxy.dataplane.reactor import EPOLLIN, EPOLLOUT, Reactor, Timer
 from mptcp_proxy.errors import KernelError, UpstreamError
 from mptcp_proxy.kernel.sysctl import SysctlChanges, read_sysctl
@@ -47,10 +49,10 @@ from mptcp_proxy.modes.convert import (
 from mptcp_proxy.modes.policy import ClientPolicy, IPAddress, TargetPolicy, normalize, parse_address
 from mptcp_proxy.observe.sockinfo import (
     IPPROTO_MPTCP, TCPI_OPT_SACK, TCPI_OPT_SYN_DATA, TCPI_OPT_TIMESTAMPS, TCPI_OPT_WSCALE,
-    SockInfoError, mptcp_info, tcp_options,
+    SockInfoError, mptcp_info, tcp_options, tcp_state_and_option_bits,
 )
 from mptcp_proxy.server.base import (
-    ProxyServer, Session, drain_until_eof, format_addr, open_listener,
+    ProxyServer, Session, drain_until_eof, open_listener,
 )
 from mptcp_proxy.wire.convert import TcpOptionKind
 
@@ -67,6 +69,7 @@ READ_SIZE = 4096              # one read holds a whole Convert message (<= 1020 
 CLOSE_LINGER = 2.0            # seconds to wait for the client's FIN after a reply
 DRAIN_READS = 16              # reads per event while draining a refused client
 ADDRESS_REFRESH = 30.0        # seconds between re-reads of the proxy's own addresses
+MEMO_SIZE = 4096              # entries of each address memo (cleared when full)
 THREAD_PROC_NET = Path("/proc/thread-self/net")  # this thread's namespace, not the process's
 
 # errno of a failed connect -> ICMP code of Destination Unreachable (RFC 792),
@@ -98,17 +101,18 @@ class ConvertStats:
 class _Pending:
     """One client connection between accept and relay (or close)."""
 
-    __slots__ = ("sock", "fd", "session", "handshake", "client", "started", "state",
+    __slots__ = ("sock", "fd", "session", "handshake", "client", "host", "started", "state",
                  "deadline", "connect", "result", "out", "shut", "linger", "reason",
                  "registered")
 
     def __init__(self, sock: socket.socket, session: Session, handshake: ConvertHandshake,
-                 client: IPAddress, started: float) -> None:
+                 client: IPAddress, host: str, started: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.session = session
         self.handshake = handshake
         self.client = client
+        self.host = host  # the client address as accept() spelled it
         self.started = started
         self.state = _READING
         self.deadline: Timer | None = None
@@ -136,13 +140,21 @@ class ConvertServer(ProxyServer):
         self.error_limiter = TokenBucket(config.error_rate, config.error_burst)
         self.convert_stats = ConvertStats()
         self.sysctls = SysctlChanges()
+        self.establish = EstablishWatcher(self.reactor)
         self.settings = ConvertSettings()
         self.tfo_enabled = False
         self.pending: dict[int, _Pending] = {}
-        self.pending_by_client: dict[IPAddress, int] = {}
+        # Open handshakes per client address, keyed by accept()'s spelling of it
+        # (one listener: one spelling per address; a str hashes in C).
+        self.pending_by_client: dict[str, int] = {}
         self._refresh_timer: Timer | None = None
         self._listen_mptcp = False
         self._early_sent: dict[int, int] = {}  # session id -> client bytes sent in the upstream SYN
+        # Per-connection conversions remembered (pure functions of their key):
+        # accept()'s address text -> client address; Connect address ->
+        # (family, address text for connect(), the same for the log line).
+        self._clients: dict[str, IPAddress] = {}
+        self._targets: dict[IPAddress, tuple[int, str, str]] = {}
 
     # -- lifecycle ------------------------------------------------------------
     def start(self, reuseport: bool = False) -> "ConvertServer":
@@ -240,18 +252,30 @@ class ConvertServer(ProxyServer):
 
     # -- accept and read ------------------------------------------------------------
     def handle_accept(self, sock: socket.socket, addr: tuple, session: Session) -> None:
-        client = normalize(parse_address(addr[0]))
-        syn_data = _accepted_with_syn_data(sock)
+        host = addr[0]
+        client = self._clients.get(host)
+        if client is None:
+            client = normalize(parse_address(host))
+            _remember(self._clients, host, client)
+        try:  # TCPI_OPT_SYN_DATA: the client's SYN carried data the kernel accepted
+            state, options = tcp_state_and_option_bits(sock)
+            syn_data = bool(options & TCPI_OPT_SYN_DATA)
+        except (OSError, SockInfoError):
+            state, syn_data = 0, False
         if syn_data:
             self.convert_stats.syn_data += 1
+            if state == TCP_SYN_RECV and self._listen_mptcp:
+                # Accepted on the SYN, before the client's third ACK: what we
+                # write now would stay queued in the kernel (dataplane/establish.py).
+                self.establish.add(sock)
         else:
             self.convert_stats.no_syn_data += 1
         session.extra = {"tfo": "yes" if syn_data else "no", "convert": "-"}
         handshake = ConvertHandshake(self.settings, client, time.time())
-        p = _Pending(sock, session, handshake, client, self.reactor.now)
+        p = _Pending(sock, session, handshake, client, host, self.reactor.now)
         self.pending[session.id] = p
-        open_from_client = self.pending_by_client.get(client, 0)
-        self.pending_by_client[client] = open_from_client + 1
+        open_from_client = self.pending_by_client.get(host, 0)
+        self.pending_by_client[host] = open_from_client + 1
         action = handshake.start(open_from_client)
         if action is not None:
             self._carry_out(p, action)
@@ -314,20 +338,23 @@ class ConvertServer(ProxyServer):
             raise TypeError(f"unknown action {action!r}")
 
     def _open_upstream(self, p: _Pending, action: OpenUpstream) -> None:
-        self._cancel_deadline(p)
+        if p.deadline is not None:
+            self._cancel_deadline(p)
         # Not read again until the relay owns it: parked with no interest (the
         # relay's register() then costs one epoll_ctl MOD, not DEL + ADD).
         if p.registered:
             self.reactor.set_mask(p.fd, 0)
         p.state = _CONNECTING
-        if action.address.version == 6:
-            family, sockaddr = socket.AF_INET6, (str(action.address), action.port, 0, 0)
-        else:
-            family, sockaddr = socket.AF_INET, (str(action.address), action.port)
-        p.session.target = format_addr(sockaddr)
+        target = self._targets.get(action.address)
+        if target is None:
+            target = connect_target(action.address)
+            _remember(self._targets, action.address, target)
+        family, host, label = target
+        port = action.port
+        sockaddr = (host, port, 0, 0) if family == socket.AF_INET6 else (host, port)
+        p.session.target = f"{label}:{port}"
         early = action.early_data if self.config.upstream_tfo else b""
-        p.connect = self.connector.connect(family, sockaddr,
-                                           lambda result: self._connected(p, result),
+        p.connect = self.connector.connect(family, sockaddr, partial(self._connected, p),
                                            early_data=early)
 
     def _connected(self, p: _Pending, result: ConnectResult) -> None:
@@ -343,12 +370,19 @@ class ConvertServer(ProxyServer):
             self._carry_out(p, action)
             return
         assert result.sock is not None  # success carries a socket
-        negotiated, syn_data = negotiated_options(result.sock, result.mptcp)
+        negotiated: Negotiated | None = None
+        syn_data = False
+        # TCP_INFO only when its answer is needed: the reply to an extended
+        # Connect, or whether the server acked the bytes our SYN carried (none
+        # queued: the SYN carried none).
+        if result.early_sent or p.handshake.wants_negotiated:
+            negotiated, syn_data = negotiated_options(result.sock, result.mptcp)
         extra["upstream_tfo"] = "yes" if syn_data else "no"  # type: ignore[index]
         if syn_data:
             self.convert_stats.early_in_syn += 1
         p.result = result
-        self._carry_out(p, p.handshake.upstream_connected(negotiated))
+        # Straight to the relay: the outcome in the log fields is already "connect...".
+        self._relay(p, p.handshake.upstream_connected(negotiated))
 
     def _relay(self, p: _Pending, action: StartRelay) -> None:
         result = p.result
@@ -356,8 +390,9 @@ class ConvertServer(ProxyServer):
         self._forget(p)
         p.state = _DONE
         p.registered = False  # the relay takes the fd over (register() re-owns it)
-        rest = p.handshake.early_data[result.early_sent:]
+        rest = p.handshake.early_data
         if result.early_sent:
+            rest = rest[result.early_sent:]
             # Already delivered upstream (TFO): they count in bytes_up like relayed ones.
             self._early_sent[p.session.id] = result.early_sent
         self.start_relay(p.sock, result, p.session, initial_to_upstream=rest,
@@ -449,6 +484,7 @@ class ConvertServer(ProxyServer):
         super().abort_pending()
         for p in list(self.pending.values()):
             self._abort(p, "shutdown")
+        self.establish.close()
         if self._refresh_timer is not None:
             self._refresh_timer.cancel()
             self._refresh_timer = None
@@ -467,11 +503,11 @@ class ConvertServer(ProxyServer):
     def _forget(self, p: _Pending) -> None:
         if self.pending.pop(p.session.id, None) is None:
             return
-        left = self.pending_by_client.get(p.client, 1) - 1
+        left = self.pending_by_client.get(p.host, 1) - 1
         if left > 0:
-            self.pending_by_client[p.client] = left
+            self.pending_by_client[p.host] = left
         else:
-            self.pending_by_client.pop(p.client, None)
+            self.pending_by_client.pop(p.host, None)
 
 
 # --------------------------------------------------------------------------
@@ -490,12 +526,10 @@ def apply_tfo_sysctls(changes: SysctlChanges, config: ConvertConfig) -> None:
         changes.set_bits(TFO_SYSCTL, bits)
 
 
-def _accepted_with_syn_data(sock: socket.socket) -> bool:
-    """TCPI_OPT_SYN_DATA: the client's SYN carried data the kernel accepted."""
-    try:
-        return bool(tcp_options(sock)[0] & TCPI_OPT_SYN_DATA)
-    except (OSError, SockInfoError):
-        return False
+def _remember(memo: dict, key: object, value: object) -> None:
+    if len(memo) >= MEMO_SIZE:
+        memo.clear()
+    memo[key] = value
 
 
 def negotiated_options(sock: socket.socket, mptcp: bool) -> tuple[Negotiated, bool]:
@@ -519,6 +553,14 @@ def negotiated_options(sock: socket.socket, mptcp: bool) -> tuple[Negotiated, bo
         window_scale=snd_wscale if options & TCPI_OPT_WSCALE else None,
         mptcp_checksum=checksum)
     return negotiated, bool(options & TCPI_OPT_SYN_DATA)
+
+
+def connect_target(address: IPAddress) -> tuple[int, str, str]:
+    """(family, address text for connect(), the address as ``format_addr`` writes it)."""
+    host = str(address)
+    if address.version == 6:
+        return socket.AF_INET6, host, f"[{host}]"
+    return socket.AF_INET, host, host
 
 
 def upstream_failure(error: UpstreamError) -> UpstreamFailure:
