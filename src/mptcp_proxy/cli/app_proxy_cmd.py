@@ -6,12 +6,12 @@ import argparse
 import logging
 
 from mptcp_proxy.cli.common import (
-    add_relay_options, add_upstream_options, check_workers, server_settings,
+    add_policy_options, add_relay_options, add_upstream_options, check_workers, policy_settings,
+    server_settings,
 )
 from mptcp_proxy.config import Endpoint
 from mptcp_proxy.config_app_proxy import AppProxyConfig, Credentials
 from mptcp_proxy.modes.app_proxy import HTTP_CONNECT, SOCKS5
-from mptcp_proxy.modes.policy import DEFAULT_CLIENT_NETWORKS, parse_networks
 from mptcp_proxy.modes.transparent import PortSet
 
 log = logging.getLogger("mptcp_proxy.cli")
@@ -34,15 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(protocol, help=summary, description=description)
         p.add_argument("--listen", required=True, metavar="ADDR:PORT",
                        help="address to listen on, e.g. 0.0.0.0:1080 or [::]:1080")
-        p.add_argument("--allow", action="append", metavar="CIDR",
-                       help="client networks served (repeatable; 'any' for all). Default: "
-                            + ", ".join(DEFAULT_CLIENT_NETWORKS))
-        p.add_argument("--allow-target", action="append", default=[], metavar="CIDR",
-                       help="special-use target range to allow (private, CGN, ULA ...; "
-                            "repeatable). Loopback, link-local, multicast, broadcast and "
-                            "the proxy's own addresses are always refused")
-        p.add_argument("--deny-target", action="append", default=[], metavar="CIDR",
-                       help="target range to refuse (repeatable)")
+        add_policy_options(p)
         p.add_argument("--allow-port", default="all", metavar="PORTS",
                        help="target ports served: all, or a list like 443,8000-8100 "
                             "(default all)")
@@ -62,9 +54,7 @@ def config_from_args(args: argparse.Namespace) -> AppProxyConfig:
     return AppProxyConfig(
         protocol=args.protocol,
         listen=Endpoint.parse(args.listen, "--listen", default_host="0.0.0.0"),
-        allow_clients=parse_networks(args.allow or DEFAULT_CLIENT_NETWORKS, "--allow"),
-        allow_targets=parse_networks(args.allow_target, "--allow-target"),
-        deny_targets=parse_networks(args.deny_target, "--deny-target"),
+        **policy_settings(args),
         allow_ports=PortSet.parse(args.allow_port, "--allow-port"),
         credentials=Credentials.load(args.auth) if args.auth else None,
         handshake_timeout=args.handshake_timeout,

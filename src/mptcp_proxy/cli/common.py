@@ -29,6 +29,32 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
                        help="worker processes sharing the port with SO_REUSEPORT (default 1)")
 
 
+def add_policy_options(parser: argparse.ArgumentParser, peer: str = "proxy") -> None:
+    """``--allow``, ``--allow-target``, ``--deny-target``: the explicit proxies' policy."""
+    from mptcp_proxy.modes.policy import DEFAULT_CLIENT_NETWORKS
+
+    parser.add_argument("--allow", action="append", metavar="CIDR",
+                        help="client networks served (repeatable; 'any' for all). Default: "
+                             + ", ".join(DEFAULT_CLIENT_NETWORKS))
+    parser.add_argument("--allow-target", action="append", default=[], metavar="CIDR",
+                        help="special-use target range to allow (private, CGN, ULA, "
+                             "benchmarking ...; repeatable). Loopback, link-local, multicast, "
+                             f"broadcast and the {peer}'s own addresses are always refused")
+    parser.add_argument("--deny-target", action="append", default=[], metavar="CIDR",
+                        help="target range to refuse (repeatable)")
+
+
+def policy_settings(args: argparse.Namespace) -> dict:
+    """The config fields of :func:`add_policy_options`."""
+    from mptcp_proxy.modes.policy import DEFAULT_CLIENT_NETWORKS, parse_networks
+
+    return {
+        "allow_clients": parse_networks(args.allow or DEFAULT_CLIENT_NETWORKS, "--allow"),
+        "allow_targets": parse_networks(args.allow_target, "--allow-target"),
+        "deny_targets": parse_networks(args.deny_target, "--deny-target"),
+    }
+
+
 def add_upstream_options(parser: argparse.ArgumentParser, peer: str = "target") -> None:
     """``--upstream`` and ``--tcp-only-ttl``: how every mode connects onward."""
     parser.add_argument("--upstream", default="auto", metavar="auto|mptcp|tcp",

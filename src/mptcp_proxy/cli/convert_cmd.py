@@ -6,10 +6,12 @@ import argparse
 import dataclasses
 import logging
 
-from mptcp_proxy.cli.common import add_relay_options, add_upstream_options, check_workers, server_settings
+from mptcp_proxy.cli.common import (
+    add_policy_options, add_relay_options, add_upstream_options, check_workers, policy_settings,
+    server_settings,
+)
 from mptcp_proxy.config import Endpoint
 from mptcp_proxy.config_convert import ConvertConfig, load_cookie_secret
-from mptcp_proxy.modes.policy import DEFAULT_CLIENT_NETWORKS, parse_networks
 
 log = logging.getLogger("mptcp_proxy.cli")
 
@@ -22,15 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "connect to the requested server (MPTCP first) and relay.")
     p.add_argument("--listen", required=True, metavar="ADDR:PORT",
                    help="address to listen on, e.g. 0.0.0.0:5124 or [::]:5124")
-    p.add_argument("--allow", action="append", metavar="CIDR",
-                   help="client networks served (repeatable; 'any' for all). Default: "
-                        + ", ".join(DEFAULT_CLIENT_NETWORKS))
-    p.add_argument("--allow-target", action="append", default=[], metavar="CIDR",
-                   help="special-use target range to allow (private, CGN, ULA, "
-                        "benchmarking ...; repeatable). Loopback, link-local, multicast, "
-                        "broadcast and the converter's own addresses are always refused")
-    p.add_argument("--deny-target", action="append", default=[], metavar="CIDR",
-                   help="target range to refuse (repeatable)")
+    add_policy_options(p, "converter")
     p.add_argument("--cookie-secret", metavar="FILE",
                    help="require a Cookie TLV with every Connect, keyed by the secret "
                         "in FILE (>= 16 bytes, mode 600)")
@@ -64,9 +58,7 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
     secret = load_cookie_secret(args.cookie_secret) if args.cookie_secret else None
     return ConvertConfig(
         listen=Endpoint.parse(args.listen, "--listen", default_host="0.0.0.0"),
-        allow_clients=parse_networks(args.allow or DEFAULT_CLIENT_NETWORKS, "--allow"),
-        allow_targets=parse_networks(args.allow_target, "--allow-target"),
-        deny_targets=parse_networks(args.deny_target, "--deny-target"),
+        **policy_settings(args),
         cookie_secret=secret,
         cookie_window=args.cookie_window,
         tfo_queue=args.tfo_queue,
