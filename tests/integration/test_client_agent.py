@@ -395,6 +395,7 @@ def test_socks5_connect_with_pipelined_bytes(env, agent, host):
     closed = closed_sessions(agent, 1)[0]
     assert closed.reason == "done" and closed.session.extra["entry"] == "socks5"
     assert closed.up == len(up)
+    assert closed.down == len(DOWN)   # the server's bytes; the SOCKS reply is not counted
     if host == "server.test":
         assert closed.session.extra["name"] == "server.test"
         assert closed.session.target == f"{env.lab.server_addr}:{SERVER_PORT}"

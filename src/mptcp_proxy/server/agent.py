@@ -883,15 +883,16 @@ class ClientAgent(ProxyServer):
         self._forget(conn)
         conn.state = _DONE
         conn.conv = None
+        reply = b""
         if conn.kind == SOCKS5:
             assert conn.socks is not None
-            to_client = conn.socks.success(_bound(result.sock)) + to_client
+            reply = conn.socks.success(_bound(result.sock))
         # Application bytes that already left with the request count as relayed.
         sent_early = len(conn.early) - len(to_upstream)
         if sent_early > 0:
             self._early_sent[conn.session.id] = sent_early
         self.start_relay(conn.app, result, conn.session, initial_to_upstream=to_upstream,
-                         initial_to_client=to_client)
+                         initial_to_client=to_client, reply=reply)
 
     def relay_closed(self, relay: Relay) -> None:
         early = self._early_sent.pop(relay.meta.id, 0)  # type: ignore[attr-defined]

@@ -103,7 +103,6 @@ class AppProxyServer(ProxyServer):
         self.pending: dict[int, _Conn] = {}
         self.pending_by_client: dict[IPAddress, int] = {}
         self._refresh_timer: Timer | None = None
-        self._reply_sizes: dict[int, int] = {}  # session id -> protocol reply queued to the client
 
     # -- lifecycle ------------------------------------------------------------
     def start(self, reuseport: bool = False) -> "AppProxyServer":
@@ -295,16 +294,8 @@ class AppProxyServer(ProxyServer):
         self._forget(conn)
         conn.state = _DONE
         conn.watched = False  # the relay takes the fd over (register() re-owns it)
-        self._reply_sizes[conn.session.id] = len(reply)
         self.start_relay(conn.sock, result, conn.session,
-                         initial_to_upstream=conn.handshake.leftover,
-                         initial_to_client=reply)
-
-    def relay_closed(self, relay) -> None:  # type: ignore[no-untyped-def]
-        # bytes_down counts the target's bytes, not our protocol reply in front of them.
-        reply = self._reply_sizes.pop(relay.meta.id, 0)
-        relay.ba.bytes = max(0, relay.ba.bytes - reply)
-        super().relay_closed(relay)
+                         initial_to_upstream=conn.handshake.leftover, reply=reply)
 
     # -- refusing and closing ----------------------------------------------------------
     def _refuse(self, conn: _Conn, refusal: Refusal, reason: str | None = None) -> None:
