@@ -52,3 +52,101 @@ def test_bad_names_and_missing_keys_are_kernel_errors():
         sysctl_path("../../etc/passwd")
     with pytest.raises(KernelError):
         read_sysctl("net.no.such.key")
+
+
+# --------------------------------------------------------------------------
+# SharedSysctlBits: several holders in one namespace, and holders that die
+# --------------------------------------------------------------------------
+
+TFO = "net.ipv4.tcp_fastopen"
+
+
+def test_shared_bits_stay_until_the_last_holder_releases(ns, tmp_path):
+    from mptcp_proxy.kernel.sysctl import SharedSysctlBits
+
+    with netns.enter(ns):
+        original = read_sysctl(TFO)
+        a = SharedSysctlBits(TFO, 0x3, state_dir=tmp_path)
+        b = SharedSysctlBits(TFO, 0x202, state_dir=tmp_path)
+        a.acquire()
+        assert int(read_sysctl(TFO)) & 0x3 == 0x3
+        b.acquire()
+        assert int(read_sysctl(TFO)) & 0x203 == 0x203
+        a.release()
+        assert int(read_sysctl(TFO)) & 0x203 == 0x203   # b still needs them
+        a.release()                                      # idempotent
+        b.release()
+        assert read_sysctl(TFO) == original
+        assert list(tmp_path.glob("*.json")) == []
+
+
+def test_plain_save_and_restore_would_pull_the_bits_from_under_another_user(ns):
+    """Why SharedSysctlBits exists: with SysctlChanges, the second user records
+    nothing, and the first to exit restores the old value under it."""
+    with netns.enter(ns):
+        first, second = SysctlChanges(), SysctlChanges()
+        first.set_bits(TFO, 0x3)
+        second.set_bits(TFO, 0x3)
+        first.restore()
+        assert int(read_sysctl(TFO)) & 0x3 != 0x3
+        second.restore()
+
+
+def test_a_holder_that_was_killed_is_recovered_from(ns, tmp_path):
+    import sys
+    import textwrap
+
+    with netns.enter(ns):
+        original = read_sysctl(TFO)
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from pathlib import Path
+        from mptcp_proxy.kernel.sysctl import SharedSysctlBits
+        SharedSysctlBits({TFO!r}, 0x202, state_dir=Path({str(tmp_path)!r})).acquire()
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", script])
+    assert proc.returncode == -9
+    with netns.enter(ns):
+        assert int(read_sysctl(TFO)) & 0x202 == 0x202     # left behind by the dead holder
+        from mptcp_proxy.kernel.sysctl import SharedSysctlBits
+        fresh = SharedSysctlBits(TFO, 0x2, state_dir=tmp_path)
+        fresh.acquire()
+        assert fresh.recovered
+        assert int(read_sysctl(TFO)) == int(original) | 0x2   # the dead one's 0x200 is gone
+        fresh.release()
+        assert read_sysctl(TFO) == original
+
+
+def test_a_value_changed_by_someone_else_is_left_alone(ns, tmp_path):
+    from mptcp_proxy.kernel.sysctl import SharedSysctlBits
+
+    with netns.enter(ns):
+        holder = SharedSysctlBits(TFO, 0x2, state_dir=tmp_path)
+        holder.acquire()
+        subprocess.run(["sysctl", "-qw", f"{TFO}=1027"], check=True)  # an administrator
+        holder.release()
+        assert read_sysctl(TFO) == "1027"
+
+
+def test_namespaces_keep_separate_records(ns, tmp_path):
+    from mptcp_proxy.kernel.sysctl import SharedSysctlBits
+
+    other = f"{ns}-b"
+    subprocess.run(["ip", "netns", "add", other], check=True)
+    try:
+        with netns.enter(ns):
+            a = SharedSysctlBits(TFO, 0x2, state_dir=tmp_path)
+            a.acquire()
+        with netns.enter(other):
+            before = read_sysctl(TFO)
+            b = SharedSysctlBits(TFO, 0x2, state_dir=tmp_path)
+            b.acquire()
+            b.release()
+            assert read_sysctl(TFO) == before
+        with netns.enter(ns):
+            assert int(read_sysctl(TFO)) & 0x2
+            a.release()
+        assert len(list(tmp_path.glob("*.json"))) == 0
+    finally:
+        subprocess.run(["ip", "netns", "del", other], check=False)
