@@ -39,22 +39,32 @@ MPTCP not used toward a proxy); speed is never pass/fail. ``--profile`` adds
 one c=64 run each of (f) and (c) with py-spy attached to the proxy (not in
 the figures) and prints where each proxy's time goes per connection.
 
-Measured here (Linux 6.18, 2 cores; runs convert-20261126-123911, -124550,
--124747, -124857, -125630): (c)/(f) is 0.96-1.03 at c=1 (target met) and
-0.83-0.87 at c=64 (before: 0.79-0.87 at c=1, 0.58-0.63 at c=64, until the
-converter's per-connection path was trimmed: codec fast path for the base
-Connect, memoized policy answers and addresses, TCP_INFO read after connecting
-only for an extended Connect or SYN data, the reply leaving with the server's
-first bytes in one segment). At c=64 the converter is the one process near a
-full core (~85%), at 170-195 us per connection against the forwarder's 140-160
-us (it was ~315 us). What is left, measured per phase with thread CPU clocks:
-~14 us of Python in the handshake (decode, decide, the sans-IO objects), two
-syscalls ``forward`` does not make (TCP_INFO for the ``tfo=`` field, the recv
-of the message, ~6 us), and a connect() that costs ~4-9 us more (perf: the
-softirq inside it wakes the server's accept more expensively; the lab's two
-cores are shared with the load generators, whose (c) clients also cost ~10 us
-more per connection). The relaying itself costs the same in both. 0-RTT does
-not help in this lab: (c) and (c1) cost about the same CPU and a round trip is
+Measured here (Linux 6.18, 2 cores; runs convert-20261126-131346, -131853):
+(c)/(f) is 0.98-1.00 at c=1 (target met) and 0.87-0.89 at c=64 (before:
+0.83-0.87, runs -123911 to -125630 and -130308; 0.58-0.63 originally). At
+c=64 the converter is the one process near a full core (~86%), at ~165 us per
+connection (56 us user) against the forwarder's ~138 us (41 us user), so the
+rate ratio follows the CPU ratio. Trimmed so far: codec fast path for the base
+Connect, whose decoded message is also remembered by its 24 bytes; no
+decoder object when the first read holds the whole message; policy and
+target memos keyed by the address object's identity (hashing an ipaddress
+object runs Python); one shared bare confirmation; TCP_INFO after connecting
+only for an extended Connect or SYN data; the reply leaving with the server's
+first bytes in one segment. Same-run A/B against the previous code
+(converter on a second port): -8 to -11 us per connection, ratio 0.81-0.86 ->
+0.86-0.89. What is left, measured with thread CPU clocks and perf: Python the
+forwarder does not run (decode, decide, the sans-IO and session objects:
+7.7 us per connection warm in a loop, against 1.1 us for the forwarder's
+path; two to three times that in the loaded process), three syscalls ``forward`` does not make (TCP_INFO at
+accept for ``tfo=`` and SYN_RECV, the recv of the message, the write of the
+reply into the pipe, ~6 us), and a connect() that costs more in the kernel:
+the final ACK it delivers wakes the conn-server, and the wake-up (an IPI on
+this VM) is dearer the more often the server has gone idle between the
+converter's connects, i.e. the more work the converter does between them.
+The load generators share the cores; (c) clients cost ~10 us more per
+connection (TCP_FASTOPEN_NO_COOKIE, sendto, parsing the reply: what a real
+client does). The relaying itself costs the same in both. 0-RTT does not
+help in this lab: (c) and (c1) cost about the same CPU and a round trip is
 tens of microseconds.
 
 Also measured: (a)'s MPTCP client sockets, fallen back

@@ -126,3 +126,53 @@ def test_pending_counts_per_client_return_to_zero(server, monkeypatch):
         run(server, ConvertMessage((ConnectTlv(port, TARGET),)).encode())
     assert not server.pending and not server.pending_by_client
     assert len(server._clients) <= 1 and len(server._targets) <= 1
+
+
+def test_targets_are_remembered_per_address_and_port(server):
+    seen = []
+
+    def connect(family, sockaddr, callback, source=None, early_data=b""):
+        seen.append((family, sockaddr))
+        callback(ConnectResult(FakeSock(), None, False, False, 0))
+
+    server.connector.connect = connect
+    sessions = []
+    for port in (80, 81, 80):
+        session = new_session(len(sessions) + 1, "client")
+        sessions.append(session)
+        server.handle_accept(FakeSock(ConvertMessage((ConnectTlv(port, TARGET),)).encode(),
+                                      options=TCPI_OPT_SYN_DATA), CLIENT_ADDR, session)
+    assert seen == [(socket.AF_INET, ("10.9.0.2", 80)), (socket.AF_INET, ("10.9.0.2", 81)),
+                    (socket.AF_INET, ("10.9.0.2", 80))]
+    assert [s.target for s in sessions] == ["10.9.0.2:80", "10.9.0.2:81", "10.9.0.2:80"]
+    assert len(server._targets) == 2
+
+
+def test_a_remembered_id_of_another_address_is_not_used(server):
+    # As if the id had been reused by another address object.
+    other = ipaddress.ip_address("10.9.0.3")
+    key = (id(other), 80)
+    server._targets[key] = (TARGET, socket.AF_INET, ("10.9.0.2", 80), "10.9.0.2:80")
+    message = ConvertMessage((ConnectTlv(80, other),)).encode()
+    seen = []
+
+    def connect(family, sockaddr, callback, source=None, early_data=b""):
+        seen.append(sockaddr)
+        callback(ConnectResult(FakeSock(), None, False, False, 0))
+
+    server.connector.connect = connect
+    # The codec hands out its own address object: make it ``other``.
+    from mptcp_proxy.wire import convert as codec
+    codec._ADDRESSES[bytes(10) + b"\xff\xff" + other.packed] = other
+    codec._BASE_CONNECT_MESSAGES.pop(message, None)
+    session = new_session(9, "client")
+    server.handle_accept(FakeSock(message, options=TCPI_OPT_SYN_DATA), CLIENT_ADDR, session)
+    assert seen == [("10.9.0.3", 80)] and session.target == "10.9.0.3:80"
+
+
+@pytest.mark.parametrize("address, port, want", [
+    ("192.0.2.7", 443, (socket.AF_INET, ("192.0.2.7", 443), "192.0.2.7:443")),
+    ("2001:db8::7", 80, (socket.AF_INET6, ("2001:db8::7", 80, 0, 0), "[2001:db8::7]:80")),
+])
+def test_upstream_target(address, port, want):
+    assert server_mod.upstream_target(ipaddress.ip_address(address), port) == want

@@ -574,3 +574,81 @@ def test_policy_memos_are_bounded_and_not_shared_across_refreshes(monkeypatch):
         settings, targets=settings.targets.with_local({ip("192.0.2.10")}))
     assert refreshed.check_target(TARGET).verdict != settings.check_target(TARGET).verdict
     assert refreshed == dataclasses.replace(refreshed)  # memos take no part in equality
+
+
+# --------------------------------------------------------------------------
+# The one-read path: a whole message in the first read needs no decoder
+# --------------------------------------------------------------------------
+
+def test_a_whole_first_read_is_decoded_without_a_decoder():
+    hs = handshake()
+    action = hs.receive(connect_bytes() + APP)
+    assert action == OpenUpstream(TARGET, PORT, APP)
+    assert hs.decoder is None and hs.early_data == APP and hs.received == 24
+
+
+def test_a_partial_first_read_goes_through_the_decoder():
+    wire = connect_bytes()
+    hs = handshake()
+    assert hs.receive(wire[:10]) is None
+    assert hs.decoder is not None and hs.received == 10
+    assert hs.receive(wire[10:] + APP) == OpenUpstream(TARGET, PORT, APP)
+    assert hs.early_data == APP
+
+
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+def test_other_buffer_types_take_the_decoder(kind):
+    hs = handshake()
+    assert hs.receive(kind(connect_bytes() + APP)) == OpenUpstream(TARGET, PORT, APP)
+    assert type(hs.early_data) is bytes and hs.early_data == APP
+
+
+@pytest.mark.parametrize("data", [
+    HEADER_ONLY,                                   # no TLV: Malformed
+    struct.pack("!BBH", 2, 6, MAGIC) + bytes(20),  # version 2
+    message(ConnectTlv(PORT, TARGET)),             # fine: the control case
+])
+def test_one_read_and_trickle_give_the_same_answer(data):
+    whole = handshake().receive(data)
+    assert trickle(handshake(), data)[0] == whole
+
+
+def test_forbidden_target_in_one_read_echoes_the_message():
+    wire = connect_bytes(address="127.0.0.1", port=80)
+    hs = handshake()
+    err = error_of(hs.receive(wire + APP))
+    assert hs.decoder is None
+    # The message, not the app bytes after it (zero-padded to a whole word).
+    assert err.code == E.MALFORMED_MESSAGE and err.value.rstrip(b"\0") == wire.rstrip(b"\0")
+    assert len(err.value) < len(wire) + 4
+
+
+def test_expire_after_a_partial_read_echoes_it():
+    hs = handshake()
+    assert hs.receive(connect_bytes()[:7]) is None
+    err = error_of(hs.expire())
+    assert err.code == E.MALFORMED_MESSAGE and err.value[:7] == connect_bytes()[:7]
+
+
+def test_bare_confirmation_is_one_shared_value():
+    replies = []
+    for _ in range(2):
+        hs = handshake()
+        hs.receive(connect_bytes())
+        replies.append(hs.upstream_connected(None))
+    assert replies[0] == StartRelay(BARE_REPLY) and replies[0] is replies[1]
+
+
+def test_policy_memos_check_identity_not_just_the_id():
+    settings = make_settings()
+    allowed, forbidden = ip("192.0.2.10"), ip("127.0.0.1")
+    assert settings.check_target(allowed).allowed
+    # An entry under this id for another object (as after the id was reused)
+    # is not taken for the answer.
+    settings._targets_memo[id(forbidden)] = (allowed, settings.check_target(allowed))
+    settings._clients_memo[id(forbidden)] = (allowed, False)
+    assert settings.check_target(forbidden) == settings.targets.check(forbidden)
+    assert not settings.check_target(forbidden).allowed
+    assert settings.allows_client(forbidden) == settings.clients.allows(forbidden)
+    # Equal values in distinct objects get the same answers.
+    assert settings.check_target(ip("192.0.2.10")) == settings.check_target(allowed)

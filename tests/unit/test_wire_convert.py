@@ -1062,3 +1062,30 @@ def test_base_connect_takes_the_fast_path(monkeypatch) -> None:
     decoder = ConvertDecoder(CLIENT)
     assert decoder.feed(wire + APP_DATA) == ConvertMessage((CONNECT_V4_TLV,))
     assert decoder.leftover == APP_DATA and decoder.received == wire
+
+
+def test_base_connect_messages_are_remembered_by_their_bytes(monkeypatch) -> None:
+    from mptcp_proxy.wire import convert as codec
+
+    monkeypatch.setattr(codec, "_MESSAGE_MEMO_SIZE", 2)
+    monkeypatch.setattr(codec, "_BASE_CONNECT_MESSAGES", {})
+    wire = ConvertMessage((CONNECT_V4_TLV,)).encode()
+    first, _ = decode_message(wire + APP_DATA, CLIENT)
+    again, used = decode_message(bytearray(wire), CLIENT)
+    assert again is first and used == len(wire)
+    for port in (1, 2, 3):
+        decode_message(ConvertMessage((ConnectTlv(port, CONNECT_V4_TLV.address),)).encode(),
+                       CLIENT)
+        assert len(codec._BASE_CONNECT_MESSAGES) <= 2
+    # Nothing but a valid base Connect is remembered (port 0 is Malformed).
+    with pytest.raises(ConvertProtocolError):
+        decode_message(BASE_CONNECT_PREFIX + bytes(22), CLIENT)
+    with pytest.raises(ConvertProtocolError):
+        decode_message(BASE_CONNECT_PREFIX + bytes(22), CLIENT)
+
+
+def test_bad_private_types_are_refused_before_the_fast_path() -> None:
+    wire = ConvertMessage((CONNECT_V4_TLV,)).encode()
+    decode_message(wire, CLIENT)  # remembered now
+    with pytest.raises(ValueError):
+        decode_message(wire, CLIENT, private_types={42})

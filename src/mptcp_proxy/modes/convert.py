@@ -69,11 +69,13 @@ from mptcp_proxy.wire.convert import (
     ConvertProtocolError,
     ConvertSender,
     ErrorTlv,
+    IncompleteConvertMessage,
     ExtendedTcpHeaderTlv,
     InfoTlv,
     SupportedTcpExtTlv,
     TcpOption,
     TcpOptionKind,
+    decode_message,
     error_reply_for,
 )
 
@@ -272,6 +274,9 @@ class CloseQuietly:
 
 Action: TypeAlias = Union[OpenUpstream, StartRelay, ReplyAndClose, CloseQuietly]
 
+_BARE_START = StartRelay(BARE_REPLY)
+"""Confirms every base Connect; immutable, so one serves all of them."""
+
 
 class HandshakeState(enum.Enum):
     READING = "reading"
@@ -302,10 +307,15 @@ class ConvertSettings:
     # Memos of the two policies' answers: settings are immutable (the server
     # replaces them to refresh its addresses, which starts empty memos), and
     # both policies are pure functions of the address, so a remembered answer
-    # is the answer. Saves a few microseconds per connection.
-    _targets_memo: dict[IPAddress, TargetDecision] = field(
+    # is the answer. Keyed by the address object's identity (each entry keeps
+    # its object, so the id cannot be reused while remembered): hashing an
+    # ipaddress object runs Python code, and the addresses handed in come
+    # from memos of their own (the codec's for Connect addresses, the
+    # server's for clients), so the same address is the same object. Another
+    # object with the same value just costs one policy check.
+    _targets_memo: dict[int, tuple[IPAddress, TargetDecision]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
-    _clients_memo: dict[IPAddress, bool] = field(
+    _clients_memo: dict[int, tuple[IPAddress, bool]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -319,23 +329,25 @@ class ConvertSettings:
     def check_target(self, address: IPAddress) -> TargetDecision:
         """``targets.check(address)``, remembered."""
         memo = self._targets_memo
-        decision = memo.get(address)
-        if decision is None:
-            decision = self.targets.check(address)
-            if len(memo) >= MEMO_SIZE:
-                memo.clear()
-            memo[address] = decision
+        entry = memo.get(id(address))
+        if entry is not None and entry[0] is address:
+            return entry[1]
+        decision = self.targets.check(address)
+        if len(memo) >= MEMO_SIZE:
+            memo.clear()
+        memo[id(address)] = (address, decision)
         return decision
 
     def allows_client(self, address: IPAddress) -> bool:
         """``clients.allows(address)``, remembered."""
         memo = self._clients_memo
-        allowed = memo.get(address)
-        if allowed is None:
-            allowed = self.clients.allows(address)
-            if len(memo) >= MEMO_SIZE:
-                memo.clear()
-            memo[address] = allowed
+        entry = memo.get(id(address))
+        if entry is not None and entry[0] is address:
+            return entry[1]
+        allowed = self.clients.allows(address)
+        if len(memo) >= MEMO_SIZE:
+            memo.clear()
+        memo[id(address)] = (address, allowed)
         return allowed
 
 
@@ -354,14 +366,17 @@ class ConvertHandshake:
     """The converter's side of one RFC 8803 connection."""
 
     __slots__ = ("settings", "client", "wall_now", "state", "decoder", "message", "connect",
-                 "early_data", "target", "outcome", "_info")
+                 "early_data", "target", "outcome", "_info", "_whole")
 
     def __init__(self, settings: ConvertSettings, client: IPAddress, wall_now: float) -> None:
         self.settings = settings
         self.client = normalize(client)
         self.wall_now = wall_now
         self.state = HandshakeState.READING
-        self.decoder = ConvertDecoder(ConvertSender.CLIENT)
+        self.decoder: ConvertDecoder | None = None
+        """Buffers a message that spans reads (or broke a rule); none while the first
+        read held a whole message, as it does with TCP Fast Open."""
+        self._whole = b""  # the message, when it came whole in one read
         self.message: ConvertMessage | None = None
         self.connect: ConnectTlv | None = None
         """The message's Connect TLV, once it is decoded (None: none, or not yet)."""
@@ -376,7 +391,11 @@ class ConvertHandshake:
     @property
     def received(self) -> int:
         """Bytes of the Convert message buffered so far."""
-        return len(self.decoder.received)
+        return len(self._received())
+
+    def _received(self) -> bytes:
+        """The Convert message bytes so far (what an error reply echoes)."""
+        return self.decoder.received if self.decoder is not None else self._whole
 
     # -- events -------------------------------------------------------------
     def start(self, pending_from_client: int = 0) -> Action | None:
@@ -399,14 +418,28 @@ class ConvertHandshake:
         if self.state is not _READING:
             self._expect(_READING)
         decoder = self.decoder
-        try:
-            message = decoder.feed(data)
-        except ConvertProtocolError as error:
-            return self._refuse_decoding(error)
+        message = None
+        if decoder is None and type(data) is bytes:
+            # The first read: usually the whole message (it rode in the SYN).
+            # Decoded straight from it; anything else goes through a decoder.
+            try:
+                message, used = decode_message(data, ConvertSender.CLIENT)
+            except (IncompleteConvertMessage, ConvertProtocolError):
+                pass
+            else:
+                self._whole = data[:used]
+                self.early_data = data[used:]
         if message is None:
-            return None
+            if decoder is None:
+                decoder = self.decoder = ConvertDecoder(ConvertSender.CLIENT)
+            try:
+                message = decoder.feed(data)
+            except ConvertProtocolError as error:
+                return self._refuse_decoding(error)
+            if message is None:
+                return None
+            self.early_data = decoder.leftover
         self.message = message
-        self.early_data = decoder.leftover
         for tlv in message.tlvs:  # the codec guarantees one of each type at most
             if type(tlv) is ConnectTlv:
                 self.connect = tlv
@@ -417,10 +450,11 @@ class ConvertHandshake:
     def receive_eof(self) -> Action:
         """The client closed its side before the message was complete."""
         self._expect(HandshakeState.READING)
-        if not self.decoder.received:
+        decoder = self.decoder
+        if decoder is None or not decoder.received:
             return self._close_quietly("client-eof", "client closed before sending anything")
         try:
-            self.decoder.feed_eof()
+            decoder.feed_eof()
         except ConvertProtocolError as error:
             return self._refuse_decoding(error)
         return self._close_quietly("client-eof", "EOF")  # not reached: READING means unfinished
@@ -428,11 +462,12 @@ class ConvertHandshake:
     def expire(self) -> Action:
         """The handshake deadline passed while reading (one deadline, not per read)."""
         self._expect(HandshakeState.READING)
-        if not self.decoder.received:
+        received = self._received()
+        if not received:
             return self._close_quietly("handshake-timeout", "nothing received")
         error = ConvertProtocolError(
-            f"handshake deadline passed after {self.received} bytes of an unfinished message")
-        return self._refuse(error_reply_for(error, self.decoder.received).tlvs[0],
+            f"handshake deadline passed after {len(received)} bytes of an unfinished message")
+        return self._refuse(error_reply_for(error, received).tlvs[0],
                             "handshake-timeout", str(error))
 
     @property
@@ -450,7 +485,7 @@ class ConvertHandshake:
         extended = bool(self.connect.options)
         self.state = HandshakeState.RELAYING
         if not info and not extended:
-            return StartRelay(BARE_REPLY)  # the common case: nothing to build
+            return _BARE_START  # the common case: nothing to build
         tlvs = []
         if info:
             tlvs.append(SupportedTcpExtTlv(self.settings.supported_kinds))
@@ -498,7 +533,7 @@ class ConvertHandshake:
             # RFC 8803 §4.2.5: loopback, multicast, broadcast targets are Malformed.
             error = ConvertProtocolError(
                 f"Connect to {decision.reason.value} address {decision.address}")
-            return self._refuse(error_reply_for(error, self.decoder.received).tlvs[0],
+            return self._refuse(error_reply_for(error, self._received()).tlvs[0],
                                 "target-forbidden", str(error))
         if decision.verdict is TargetVerdict.DENIED:
             return self._refuse(ErrorTlv.not_authorized(), "target-denied",
@@ -524,7 +559,7 @@ class ConvertHandshake:
     # -- the one error path -------------------------------------------------
     def _refuse_decoding(self, error: ProtocolError) -> Action:
         reason = _DECODING_REASONS.get(error.code, "malformed")
-        return self._refuse(self.decoder.error_reply(error).tlvs[0], reason, str(error))
+        return self._refuse(error_reply_for(error, self._received()).tlvs[0], reason, str(error))
 
     def _refuse(self, tlv: ErrorTlv, reason: str, detail: str) -> ReplyAndClose:
         self.state = HandshakeState.CLOSING

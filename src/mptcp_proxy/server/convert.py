@@ -151,10 +151,11 @@ class ConvertServer(ProxyServer):
         self._listen_mptcp = False
         self._early_sent: dict[int, int] = {}  # session id -> client bytes sent in the upstream SYN
         # Per-connection conversions remembered (pure functions of their key):
-        # accept()'s address text -> client address; Connect address ->
-        # (family, address text for connect(), the same for the log line).
+        # accept()'s address text -> client address; (id of a Connect address,
+        # port) -> (the address, family, sockaddr for connect(), target for the
+        # log line).
         self._clients: dict[str, IPAddress] = {}
-        self._targets: dict[IPAddress, tuple[int, str, str]] = {}
+        self._targets: dict[tuple[int, int], tuple[IPAddress, int, tuple, str]] = {}
 
     # -- lifecycle ------------------------------------------------------------
     def start(self, reuseport: bool = False) -> "ConvertServer":
@@ -345,14 +346,14 @@ class ConvertServer(ProxyServer):
         if p.registered:
             self.reactor.set_mask(p.fd, 0)
         p.state = _CONNECTING
-        target = self._targets.get(action.address)
-        if target is None:
-            target = connect_target(action.address)
-            _remember(self._targets, action.address, target)
-        family, host, label = target
-        port = action.port
-        sockaddr = (host, port, 0, 0) if family == socket.AF_INET6 else (host, port)
-        p.session.target = f"{label}:{port}"
+        address, port = action.address, action.port
+        # By the address object's identity (see ConvertSettings' memos).
+        key = (id(address), port)
+        entry = self._targets.get(key)
+        if entry is None or entry[0] is not address:
+            entry = (address, *upstream_target(address, port))
+            _remember(self._targets, key, entry)
+        _, family, sockaddr, p.session.target = entry
         early = action.early_data if self.config.upstream_tfo else b""
         p.connect = self.connector.connect(family, sockaddr, partial(self._connected, p),
                                            early_data=early)
@@ -399,7 +400,8 @@ class ConvertServer(ProxyServer):
                          initial_to_client=action.reply)
 
     def relay_closed(self, relay) -> None:  # type: ignore[no-untyped-def]
-        relay.ab.bytes += self._early_sent.pop(relay.meta.id, 0)
+        if self._early_sent:
+            relay.ab.bytes += self._early_sent.pop(relay.meta.id, 0)
         super().relay_closed(relay)
 
     def _reply_and_close(self, p: _Pending, reply: bytes,
@@ -561,6 +563,13 @@ def connect_target(address: IPAddress) -> tuple[int, str, str]:
     if address.version == 6:
         return socket.AF_INET6, host, f"[{host}]"
     return socket.AF_INET, host, host
+
+
+def upstream_target(address: IPAddress, port: int) -> tuple[int, tuple, str]:
+    """(family, sockaddr for connect(), ``host:port`` as ``format_addr`` writes it)."""
+    family, host, label = connect_target(address)
+    sockaddr = (host, port, 0, 0) if family == socket.AF_INET6 else (host, port)
+    return family, sockaddr, f"{label}:{port}"
 
 
 def upstream_failure(error: UpstreamError) -> UpstreamFailure:
