@@ -99,7 +99,7 @@ def run(server: ConvertServer, message: bytes, *, early_sent: int = 0,
 def test_base_connect_reads_tcp_info_once_at_accept_and_not_after_connecting(server):
     client, upstream = run(server, ConvertMessage((ConnectTlv(80, TARGET),)).encode())
     assert (client.tcp_info_reads, upstream.tcp_info_reads) == (1, 0)
-    assert server.relayed[-1]["initial_to_client"] == BARE_REPLY
+    assert server.relayed[-1]["reply"] == BARE_REPLY
     assert server.convert_stats.syn_data == 1
     assert not server.pending and not server.pending_by_client
 
@@ -116,7 +116,7 @@ def test_extended_connect_reads_the_negotiated_options(server):
     _, upstream = run(server, ConvertMessage((ConnectTlv(80, TARGET, (option,)),)).encode(),
                       upstream_options=TCPI_OPT_SACK)
     assert upstream.tcp_info_reads == 1
-    reply, _ = decode_message(server.relayed[-1]["initial_to_client"], ConvertSender.CONVERTER)
+    reply, _ = decode_message(server.relayed[-1]["reply"], ConvertSender.CONVERTER)
     assert reply.extended_tcp_header.options == (TcpOption(TcpOptionKind.SACK_PERMITTED),)
 
 

@@ -74,8 +74,8 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mptcp_proxy.kernel.sysctl import SysctlChanges
-    from mptcp_proxy.server.convert import ConvertServer, apply_tfo_sysctls
+    from mptcp_proxy.kernel.sysctl import SharedSysctlBits
+    from mptcp_proxy.server.convert import TFO_SYSCTL, ConvertServer, tfo_sysctl_bits
     from mptcp_proxy.server.workers import run_workers
 
     config = config_from_args(args)
@@ -103,13 +103,13 @@ def run(args: argparse.Namespace) -> int:
     if workers == 1:
         return serve()
     # Workers share the namespace: the parent owns the sysctls, restores them last.
-    changes = SysctlChanges()
+    holder = SharedSysctlBits(TFO_SYSCTL, tfo_sysctl_bits(config))
     try:
-        if config.manage_sysctls:
-            apply_tfo_sysctls(changes, config)
+        if config.manage_sysctls and holder.bits:
+            holder.acquire()
         worker_config = dataclasses.replace(config, manage_sysctls=False)
         # Fail early in the parent on a bad address rather than in every worker.
         ConvertServer(worker_config).start(reuseport=True)._close_everything()
         return run_workers(workers, lambda index: serve(index, worker_config))
     finally:
-        changes.restore()
+        holder.release()

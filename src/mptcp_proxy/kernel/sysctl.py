@@ -199,8 +199,9 @@ class SharedSysctlBits:
     def _locked(self) -> Iterator[dict]:
         """The record (empty if none or unreadable), under an exclusive flock."""
         assert self.path is not None  # set by acquire
-        lock_path = self.path.with_suffix(".lock")
-        with open(lock_path, "a") as lock:
+        # One lock for the directory: a lock file per record could not be
+        # removed with its record without racing a process waiting on it.
+        with open(self.state_dir / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 try:

@@ -41,7 +41,7 @@ from mptcp_proxy.dataplane.connect import (
 from mptcp_proxy.dataplane.establish import TCP_SYN_RECV, EstablishWatcher
 from mptcp_proxy.dataplane.reactor import EPOLLIN, EPOLLOUT, Reactor, Timer
 from mptcp_proxy.errors import KernelError, UpstreamError
-from mptcp_proxy.kernel.sysctl import SysctlChanges, read_sysctl
+from mptcp_proxy.kernel.sysctl import SharedSysctlBits, read_sysctl
 from mptcp_proxy.modes.convert import (
     Action, CloseQuietly, ConvertHandshake, ConvertSettings, CookieAuthority, Negotiated,
     OpenUpstream, ReplyAndClose, StartRelay, TokenBucket, UpstreamFailure, UpstreamFailureKind,
@@ -139,7 +139,8 @@ class ConvertServer(ProxyServer):
                                    tcp_only_ttl=config.tcp_only_ttl)
         self.error_limiter = TokenBucket(config.error_rate, config.error_burst)
         self.convert_stats = ConvertStats()
-        self.sysctls = SysctlChanges()
+        # net.ipv4.tcp_fastopen bits, shared with other converters of the namespace.
+        self.sysctls: list[SharedSysctlBits] = []
         self.establish = EstablishWatcher(self.reactor)
         self.settings = ConvertSettings()
         self.tfo_enabled = False
@@ -162,7 +163,7 @@ class ConvertServer(ProxyServer):
         """Set the sysctls, open the TFO listener, build the policy (in this thread's netns)."""
         try:
             if self.config.manage_sysctls:
-                apply_tfo_sysctls(self.sysctls, self.config)
+                self._hold_tfo_bits(tfo_sysctl_bits(self.config))
             listener = open_listener(self.config.listen, backlog=self.config.backlog,
                                      reuseport=reuseport)
             try:
@@ -186,10 +187,19 @@ class ConvertServer(ProxyServer):
             self.restore_kernel()
 
     def restore_kernel(self) -> None:
-        try:
-            self.sysctls.restore()
-        except KernelError as exc:
-            log.error("could not restore sysctls: %s", exc)
+        while self.sysctls:
+            try:
+                self.sysctls.pop().release()
+            except (KernelError, OSError) as exc:
+                log.error("could not restore sysctls: %s", exc)
+
+    def _hold_tfo_bits(self, bits: int) -> None:
+        if bits:
+            holder = SharedSysctlBits(TFO_SYSCTL, bits)
+            holder.acquire()
+            self.sysctls.append(holder)
+            if holder.recovered:
+                log.warning("%s: restored what a converter that died left set", TFO_SYSCTL)
 
     def _enable_fastopen(self, listener: socket.socket) -> None:
         if not self.config.tfo_queue:
@@ -214,7 +224,7 @@ class ConvertServer(ProxyServer):
                 return
             log.info("TCP_FASTOPEN_NO_COOKIE refused (%s); setting %s bit 0x200",
                      exc.strerror, TFO_SYSCTL)
-            self.sysctls.set_bits(TFO_SYSCTL, TFO_SERVER_COOKIE_NOT_REQD)
+            self._hold_tfo_bits(TFO_SERVER_COOKIE_NOT_REQD)
 
     def _build_settings(self) -> ConvertSettings:
         config = self.config
@@ -397,7 +407,7 @@ class ConvertServer(ProxyServer):
             # Already delivered upstream (TFO): they count in bytes_up like relayed ones.
             self._early_sent[p.session.id] = result.early_sent
         self.start_relay(p.sock, result, p.session, initial_to_upstream=rest,
-                         initial_to_client=action.reply)
+                         reply=action.reply)
 
     def relay_closed(self, relay) -> None:  # type: ignore[no-untyped-def]
         if self._early_sent:
@@ -516,16 +526,15 @@ class ConvertServer(ProxyServer):
 # Kernel facts the handshake needs (read here, passed in as plain values)
 # --------------------------------------------------------------------------
 
-def apply_tfo_sysctls(changes: SysctlChanges, config: ConvertConfig) -> None:
-    """net.ipv4.tcp_fastopen: the server bit for the listener, the client bit for
-    SYN data toward servers (recorded in ``changes`` for restoring)."""
+def tfo_sysctl_bits(config: ConvertConfig) -> int:
+    """net.ipv4.tcp_fastopen bits the converter needs: the server bit for the
+    listener, the client bit for SYN data toward servers."""
     bits = 0
     if config.tfo_queue:
         bits |= TFO_SERVER_ENABLE
     if config.upstream_tfo:
         bits |= TFO_CLIENT_ENABLE
-    if bits:
-        changes.set_bits(TFO_SYSCTL, bits)
+    return bits
 
 
 def _remember(memo: dict, key: object, value: object) -> None:
