@@ -22,9 +22,10 @@ connection being "connect, receive the 1 KiB, close" from MPTCP clients:
 Figures: connections/s at concurrency 1 and 64 (c=64 from several client
 processes), latency p50/p99 (connect to last byte), time to first byte p50/p99
 (connect to the first byte of the server's 1 KiB), proxy CPU microseconds per
-connection, and the ratio (c)/(f) against the target (>= 0.90). The lab has no
-delay emulation (no netem here): every round trip is a few tens of
-microseconds, so the TTFB differences TFO makes are sub-millisecond.
+connection, and the ratio (c)/(f) against the target (>= 0.90). The path has
+no added delay: every round trip is a few tens of microseconds, so the TTFB
+differences TFO makes are sub-millisecond (``benchmarks/ttfb.py`` measures
+them over a delayed path).
 
 Evidence printed with the figures: every connection's 1 KiB is compared with
 the server's pattern, and must be followed by the server's FIN (errors are
@@ -39,9 +40,10 @@ MPTCP not used toward a proxy); speed is never pass/fail. ``--profile`` adds
 one c=64 run each of (f) and (c) with py-spy attached to the proxy (not in
 the figures) and prints where each proxy's time goes per connection.
 
-Measured here (Linux 6.18, 2 cores; runs convert-20261126-131346, -131853):
-(c)/(f) is 0.98-1.00 at c=1 (target met) and 0.87-0.89 at c=64 (before:
-0.83-0.87, runs -123911 to -125630 and -130308; 0.58-0.63 originally). At
+Measured here (Linux 6.18, 2 cores; runs convert-20261126-131346, -131853,
+-132505, -132618, -132727): (c)/(f) is 0.98-1.01 at c=1 and 0.86-0.96 at
+c=64 (medians of 3 per run; the last three runs 0.96, 0.86, 0.91). Before
+this work: 0.79 and 0.58-0.63 (run -111303). At
 c=64 the converter is the one process near a full core (~86%), at ~165 us per
 connection (56 us user) against the forwarder's ~138 us (41 us user), so the
 rate ratio follows the CPU ratio. Trimmed so far: codec fast path for the base
@@ -626,7 +628,7 @@ def main() -> int:
     print(render_table(res, repeat))
     print()
     saves = res.get("tfo_saves_ms")
-    print("Time to first byte: this lab has no delay emulation (no netem on this machine), "
+    print("Time to first byte: this lab's path has no added delay (benchmarks/ttfb.py adds it), "
           "so a round trip costs")
     print("tens of microseconds and every TTFB difference above is sub-millisecond"
           + (f"; at c=1, median TTFB (c1) - (c) = {saves * 1000:+.0f} us: the round trip "
