@@ -387,6 +387,9 @@ SOCKS_CASES = {
     "domain-length-0": (lambda e: _req(e, b"\x03\x00"), socks_fail(1), "socks5-error:1"),
     "domain-with-nul": (lambda e: _req(e, b"\x03\x05ab\x00cd"), socks_fail(1),
                         "socks5-error:1"),
+    # A name with spaces or newlines would forge connection-log lines.
+    "domain-not-a-host-name": (lambda e: _req(e, b"\x03\x0ca b\nconn=9 x"), socks_fail(1),
+                               "socks5-error:1"),
 }
 
 
@@ -469,6 +472,8 @@ HTTP_CASES = {
     "get": (lambda e: b"GET http://" + e.lab.server_addr.encode() + b"/ HTTP/1.1\r\n\r\n", 405),
     "post": (lambda e: b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405),
     "http-2": (lambda e: b"CONNECT a.example:1 HTTP/2.0\r\n\r\n", 505),
+    # Exponential for a backtracking pattern: it froze the loop (review finding).
+    "crafted-host-name": (lambda e: _http(e, "a" * 60 + "!:443"), 400),
 }
 
 

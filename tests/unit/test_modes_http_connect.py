@@ -261,3 +261,29 @@ def test_config_validation():
         AppProxyConfig(protocol=SOCKS5, listen=Endpoint("127.0.0.1", 0), allow_clients=())
     with pytest.raises(ConfigError):
         AppProxyConfig(protocol=SOCKS5, listen=Endpoint("127.0.0.1", 0), handshake_timeout=0)
+
+
+def test_a_crafted_host_name_is_refused_in_linear_time():
+    """A pattern over the whole name backtracked exponentially on ``a``*n + ``!``
+    (3 s at n=25, doubling per letter) and froze the proxy's loop."""
+    import time
+    start = time.perf_counter()
+    for n in (25, 30, 250, 5000):
+        with pytest.raises(ValueError):
+            parse_authority("a" * n + "!:443")
+    hs = HttpConnectHandshake()
+    with pytest.raises(HttpConnectError) as info:
+        run(hs, b"CONNECT " + b"a" * 60 + b"!:443 HTTP/1.1\r\n\r\n")
+    assert info.value.code == 400
+    assert time.perf_counter() - start < 1.0   # measured: well under a millisecond
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("example.org", True), ("example.org.", True), ("_srv.a-b.example", True),
+    ("-a.example", False), ("a-.example", False), ("a..b", False), (".a", False),
+    ("999.1.1.1", False), ("a" * 63 + ".b", True), ("a" * 64 + ".b", False),
+    ("x y", False), ("a\nb", False), ("a\x7f", False), ("", False), ("a." * 127, False),
+])
+def test_valid_hostname(name, ok):
+    from mptcp_proxy.modes.policy import valid_hostname
+    assert valid_hostname(name) is ok

@@ -142,3 +142,12 @@ def test_any_split_gives_the_same_result(sizes):
         request = request or req
     assert out == bytes.fromhex("0500") and request == Socks5Request("example.org", 80)
     assert hs.leftover == b"payload"
+
+
+@pytest.mark.parametrize("name", [b"evil.example reason=done conn=1", b"a\nb.example", b"-bad.example"])
+def test_domain_names_that_are_not_host_names_get_general_failure(name):
+    """They would reach the resolver and the connection log (forged lines)."""
+    hs = Socks5Handshake()
+    with pytest.raises(Socks5Error) as info:
+        run(hs, GREETING + bytes([5, 1, 0, 3, len(name)]) + name + b"\x00\x50")
+    assert info.value.code == Socks5Reply.GENERAL_FAILURE

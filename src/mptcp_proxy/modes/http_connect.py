@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from mptcp_proxy.errors import ProtocolError
+from mptcp_proxy.modes.policy import valid_hostname
 
 MAX_HEADER_BYTES = 8192        # request line + headers + blank line
 MAX_HEADERS = 100
@@ -49,8 +50,6 @@ _REASONS = {
 # RFC 9110 §5.6.2 token characters: method and field names.
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _VERSION = re.compile(rb"^HTTP/(\d)\.(\d)$")
-# A DNS name as hosts send it: LDH labels, dots, at most 253 characters.
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?)+$")
 
 
 class HttpConnectError(ProtocolError):
@@ -112,7 +111,7 @@ def parse_authority(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Ad
         try:
             host = ipaddress.IPv4Address(host_text)
         except ValueError:
-            if not _HOSTNAME.match(host_text) or host_text.replace(".", "").isdigit():
+            if not valid_hostname(host_text):
                 raise ValueError(f"bad host name {host_text!r}") from None
             host = host_text.rstrip(".").lower()
     if not port_text.isdigit() or len(port_text) > 5:

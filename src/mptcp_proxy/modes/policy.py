@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TypeAlias, Union
@@ -124,6 +125,25 @@ _SPECIAL_USE = _nets(
 _EMBEDDING_LOW32 = _nets("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 _LOW32 = 0xFFFFFFFF
+
+
+# One DNS label as hosts send it: letters, digits, underscores, inner hyphens.
+# Matched label by label (never one pattern over the whole name, whose
+# backtracking a crafted name makes exponential).
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
+
+
+def valid_hostname(name: str) -> bool:
+    """A DNS name a proxy may resolve: 1-253 characters, LDH(+underscore)
+    labels of 1-63 characters, one optional trailing dot, not all digits
+    (``999.1.1.1`` is a bad address, not a name). Rejects spaces and control
+    characters, which would otherwise reach resolvers and log lines."""
+    if not 1 <= len(name) <= 253:
+        return False
+    labels = name[:-1].split(".") if name.endswith(".") else name.split(".")
+    if not all(_LABEL.match(label) for label in labels):
+        return False
+    return not name.replace(".", "").isdigit()
 
 
 def parse_address(text: str) -> IPAddress:
@@ -296,6 +316,7 @@ class ClientPolicy:
 
 
 __all__ = [
+    "valid_hostname",
     "ANY", "DEFAULT_CLIENT_NETWORKS", "ClientPolicy", "IPAddress", "IPNetwork",
     "TargetDecision", "TargetPolicy", "TargetReason", "TargetVerdict", "normalize",
     "parse_address", "parse_networks", "spellings",

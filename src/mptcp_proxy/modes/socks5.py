@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from mptcp_proxy.errors import ProtocolError
+from mptcp_proxy.modes.policy import valid_hostname
 
 SOCKS_VERSION = 5
 AUTH_VERSION = 1  # RFC 1929 sub-negotiation version
@@ -259,6 +260,9 @@ class Socks5Handshake:
                 host = name.decode("ascii")
             except UnicodeDecodeError:
                 self._refuse(Socks5Reply.GENERAL_FAILURE, "domain name is not ASCII")
+            if not valid_hostname(host):
+                # Spaces and control characters would reach resolvers and log lines.
+                self._refuse(Socks5Reply.GENERAL_FAILURE, "not a valid host name")
         if port == 0:
             self._refuse(Socks5Reply.NOT_ALLOWED, "port 0")
         self.request = Socks5Request(host, port, self._username)
