@@ -49,6 +49,8 @@ class FakeResolver:
         self.names = names
 
     def __call__(self, host: str, port: int) -> list[str]:
+        if host.startswith("slow"):
+            time.sleep(3)   # a DNS server that does not answer in time
         try:
             return [self.names[host]]
         except KeyError:
@@ -609,3 +611,63 @@ def test_client_vanishes_mid_handshake(env, proxies, proto, conn_log):
         good.check()
     log_lines(conn_log, "reason=client-", f"mode={proto}")
     wait_for(lambda: proxies[proto].server.open_sessions == 0, 5, "sessions closed")
+
+
+# --------------------------------------------------------------------------
+# Review findings: no password oracle for refused clients; slow name lookups
+# --------------------------------------------------------------------------
+
+def test_clients_outside_allow_learn_nothing_about_passwords(env, proto, conn_log):
+    runner = env.start(proto, credentials=Credentials.parse("alice:right\n"),
+                       allow_clients=parse_networks(["192.0.2.0/24"], "--allow"))
+    try:
+        answers = []
+        for password in ("right", "wrong"):
+            with env.client() as sock:
+                sock.connect(runner.addr)
+                if proto == SOCKS5:
+                    # Offers username/password only, then sends them at once.
+                    sock.sendall(socks_request(env.lab.server_addr, SERVER_PORT,
+                                               ("alice", password)))
+                else:
+                    import base64
+                    token = base64.b64encode(f"alice:{password}".encode()).decode()
+                    sock.sendall(http_request(env.lab.server_addr, SERVER_PORT,
+                                              f"Proxy-Authorization: Basic {token}\r\n"))
+                answers.append(recv_all(sock))
+        assert answers[0] == answers[1], answers
+        if proto == SOCKS5:
+            assert answers[0] == b"\x05\xff"   # no method for it: credentials never read
+        else:
+            assert answers[0].startswith(http_fail(403)), answers[0]
+    finally:
+        runner.stop()
+        env.runners.remove(runner)
+
+
+def test_slow_name_lookups_time_out_with_an_answer_and_free_the_resolver(env, proto, conn_log):
+    """Lookups whose client is gone are cancelled: a burst of slow names must not
+    keep a later client's lookup queued behind them (4 resolver threads)."""
+    runner = env.start(proto)
+    try:
+        slow = []
+        for i in range(8):
+            sock = env.client()
+            sock.connect(runner.addr)
+            sock.sendall(_connect_request(env, proto, f"slow{i}.lab.example", SERVER_PORT))
+            slow.append(sock)
+        prefix, expect = _refusal(proto, 6, 504)
+        for sock in slow:
+            with sock:
+                answer = recv_all(sock)
+            assert answer.startswith(prefix + expect), answer
+        log_lines(conn_log, "reason=resolve-timeout", f"mode={proto}")
+        # Four lookups still sleep; the other four were cancelled before starting,
+        # so this one runs as soon as a thread is free (3 s), within the deadline
+        # of a fresh handshake timer started after the sleeping ones end.
+        time.sleep(1.6)
+        down = tunnel(env, runner.addr, proto, "server.lab.example", SERVER_PORT, b"after")
+        assert sha256(down) == sha256(DOWN)
+    finally:
+        runner.stop()
+        env.runners.remove(runner)

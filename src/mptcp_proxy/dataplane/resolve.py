@@ -20,6 +20,7 @@ from typing import Callable
 from mptcp_proxy.dataplane.reactor import Reactor
 
 DEFAULT_THREADS = 4
+DEFAULT_MAX_PENDING = 256    # lookups queued or running; above, resolve() refuses
 
 Resolver = Callable[[str, int], list[str]]
 """``resolver(name, port)`` -> IP address strings, best first; raises OSError on failure."""
@@ -40,47 +41,69 @@ def system_resolver(host: str, port: int) -> list[str]:
     return found
 
 
-class Lookup:
-    """One lookup in flight; ``cancel()`` drops its callback."""
+class ResolverBusy(Exception):
+    """Too many lookups in flight: the caller should refuse, not queue."""
 
-    __slots__ = ("callback",)
+
+class Lookup:
+    """One lookup in flight; ``cancel()`` drops its callback and, if it has
+    not started yet, the lookup itself (a thread is not held for nobody)."""
+
+    __slots__ = ("callback", "future")
 
     def __init__(self, callback: ResolveCallback) -> None:
         self.callback: ResolveCallback | None = callback
+        self.future: Future | None = None
 
     def cancel(self) -> None:
         self.callback = None
+        if self.future is not None:
+            self.future.cancel()
 
 
 class AsyncResolver:
     """Resolves names in worker threads, calls back on the reactor's thread."""
 
     def __init__(self, reactor: Reactor, resolver: Resolver | None = None,
-                 threads: int = DEFAULT_THREADS, name: str = "resolve") -> None:
+                 threads: int = DEFAULT_THREADS, name: str = "resolve",
+                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self.reactor = reactor
         self.resolver = resolver or system_resolver
         self.threads = threads
         self.name = name
+        self.max_pending = max_pending
+        self.pending = 0
+        """Lookups queued or running (a slow DNS server must not queue without bound)."""
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._closed = False
 
     def resolve(self, host: str, port: int, callback: ResolveCallback) -> Lookup:
+        """Start a lookup; :class:`ResolverBusy` if ``max_pending`` are in flight."""
         lookup = Lookup(callback)
         if self._closed:
             raise RuntimeError("resolver is closed")
+        if self.pending >= self.max_pending:
+            raise ResolverBusy(f"{self.pending} lookups in flight")
         if self._pool is None:  # started on first use: most proxies never resolve
             self._pool = ThreadPoolExecutor(max_workers=self.threads,
                                             thread_name_prefix=self.name)
         future = self._pool.submit(self.resolver, host, port)
+        lookup.future = future
+        self.pending += 1
 
-        def done(fut: Future) -> None:  # in a worker thread (or here, if already done)
+        def done(fut: Future) -> None:  # in a worker thread, here, or at cancel()
             with self._lock:
                 if not self._closed:
-                    self.reactor.call_soon_threadsafe(lambda: _deliver(lookup, fut))
+                    self.reactor.call_soon_threadsafe(lambda: self._done(lookup, fut))
 
         future.add_done_callback(done)
         return lookup
+
+    def _done(self, lookup: Lookup, future: Future) -> None:
+        self.pending -= 1
+        if not future.cancelled():
+            _deliver(lookup, future)
 
     def close(self) -> None:
         """Stop the workers; lookups still running never call back. Idempotent."""

@@ -60,7 +60,7 @@ from mptcp_proxy.config import Endpoint, RelayConfig, UpstreamMode
 from mptcp_proxy.dataplane.connect import ConnectResult, Connector, PendingConnect
 from mptcp_proxy.dataplane.reactor import EPOLLIN, EPOLLOUT, Reactor, Timer
 from mptcp_proxy.dataplane.relay import LINGER_ABORT, Relay
-from mptcp_proxy.dataplane.resolve import AsyncResolver, Resolver
+from mptcp_proxy.dataplane.resolve import AsyncResolver, Resolver, ResolverBusy
 from mptcp_proxy.errors import ConfigError, KernelError
 from mptcp_proxy.kernel import netns
 from mptcp_proxy.kernel.nft import NftTable, check_name
@@ -621,8 +621,11 @@ class ClientAgent(ProxyServer):
 
     def _resolve(self, conn: _Conn, name: str, port: int) -> None:
         conn.state = _RESOLVING
-        self.resolver.resolve(name, port,
-                              lambda addresses, error: self._resolved(conn, addresses, error, port))
+        try:
+            self.resolver.resolve(
+                name, port, lambda addresses, error: self._resolved(conn, addresses, error, port))
+        except ResolverBusy:
+            self._fail(conn, "resolver-busy", Socks5Reply.GENERAL_FAILURE)
 
     def _resolved(self, conn: _Conn, addresses: list[str] | None, error: BaseException | None,
                   port: int) -> None:

@@ -33,7 +33,7 @@ from mptcp_proxy.dataplane.connect import (
     REFUSED, RESOURCES, TIMEOUT, UNREACHABLE, ConnectResult, Connector, PendingConnect,
 )
 from mptcp_proxy.dataplane.reactor import EPOLLIN, EPOLLOUT, Reactor, Timer
-from mptcp_proxy.dataplane.resolve import AsyncResolver, Lookup, Resolver
+from mptcp_proxy.dataplane.resolve import AsyncResolver, Lookup, Resolver, ResolverBusy
 from mptcp_proxy.errors import UpstreamError
 from mptcp_proxy.modes.app_proxy import (
     HTTP_CONNECT, AppHandshake, AppRequest, HandshakeError, Refusal, error_reason,
@@ -143,7 +143,11 @@ class AppProxyServer(ProxyServer):
     # -- handshake --------------------------------------------------------------
     def handle_accept(self, sock: socket.socket, addr: tuple, session: Session) -> None:
         client = normalize(parse_address(addr[0]))
-        conn = _Conn(sock, session, AppHandshake(self.config.protocol, self.authenticator),
+        # A client outside --allow never has its credentials checked: the
+        # answers would tell it which password is right. It is refused after
+        # the request, in the protocol's terms (REP 2, 403).
+        authenticator = self.authenticator if self.clients.allows(client) else None
+        conn = _Conn(sock, session, AppHandshake(self.config.protocol, authenticator),
                      client, self.reactor.now)
         open_from_client = self.pending_by_client.get(client, 0)
         if open_from_client >= self.config.max_pending_per_client:
@@ -205,9 +209,12 @@ class AppProxyServer(ProxyServer):
 
     def _on_deadline(self, conn: _Conn) -> None:
         conn.deadline = None
-        if conn.state in (_HANDSHAKE, _RESOLVING):
-            # Still talking (or looking the name up): the deadline ends it without a word.
+        if conn.state == _HANDSHAKE:
+            # Still talking: the deadline ends it without a word.
             self._abort(conn, "handshake-timeout", reset=False)
+        elif conn.state == _RESOLVING:
+            # The request was complete: it gets its answer (REP 6, 504).
+            self._refuse(conn, Refusal.TIMEOUT, "resolve-timeout")
 
     # -- deciding and connecting ---------------------------------------------------
     def _requested(self, conn: _Conn, request: AppRequest) -> None:
@@ -228,10 +235,14 @@ class AppProxyServer(ProxyServer):
             self._refuse(conn, Refusal.PORT_NOT_ALLOWED)
             return
         if request.is_domain:
+            try:
+                conn.lookup = self.resolver.resolve(
+                    str(request.host), request.port,
+                    lambda addresses, error: self._resolved(conn, addresses, error))
+            except ResolverBusy:
+                self._refuse(conn, Refusal.RESOURCES, "resolver-busy")
+                return
             conn.state = _RESOLVING
-            conn.lookup = self.resolver.resolve(
-                str(request.host), request.port,
-                lambda addresses, error: self._resolved(conn, addresses, error))
             return
         self._connect(conn, normalize(request.host))  # type: ignore[arg-type]
 
