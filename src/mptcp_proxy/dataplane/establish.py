@@ -5,7 +5,8 @@ TCP_FASTOPEN hands out the MPTCP socket as soon as the client's SYN with data
 arrives, in SYN_RECV. Bytes written to it then are queued but not sent when
 the client's third ACK completes the handshake; they stay queued until
 something else pushes the socket (another write, or setting TCP_NODELAY or
-TCP_CORK). Plain TCP sends them at once. A converter that answers a 0-RTT
+TCP_CORK); setting one while still in SYN_RECV does not help. Plain TCP sends
+them at once. A converter that answers a 0-RTT
 request before the third ACK arrives, which is every time the client is more
 than a fraction of a millisecond away, would otherwise wait forever for a
 client that waits for the answer.
@@ -29,7 +30,10 @@ log = logging.getLogger(__name__)
 TCP_ESTABLISHED = 1
 TCP_SYN_RECV = 3
 TICK = 0.001                 # seconds between checks: the added latency is at most this
-GIVE_UP = 5.0                # seconds: a handshake not done by then is not coming
+FAST_FOR = 0.2               # seconds of 1-tick checks (round trips up to 200 ms)
+SLOW_MAX = 0.05              # then the interval doubles up to this
+MAX_CHECKS_PER_TICK = 256    # a SYN flood with data must not turn the loop into a poller
+GIVE_UP = 30.0               # seconds: lost ACKs and SYN-ACK retransmits fit; spoofs do not
 
 
 def tcp_state(sock: socket.socket) -> int:
@@ -37,14 +41,30 @@ def tcp_state(sock: socket.socket) -> int:
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
 
 
+class _Watched:
+    __slots__ = ("sock", "added", "deadline", "next_at", "interval")
+
+    def __init__(self, sock: socket.socket, now: float, give_up: float, tick: float) -> None:
+        self.sock = sock
+        self.added = now
+        self.deadline = now + give_up
+        self.next_at = now + tick
+        self.interval = tick
+
+
 class EstablishWatcher:
-    """Pushes queued bytes of TFO-accepted sockets once their handshake completes."""
+    """Pushes queued bytes of TFO-accepted sockets once their handshake completes.
+
+    Each socket is checked every tick for its first ``FAST_FOR`` seconds, then
+    with a doubling interval; at most ``MAX_CHECKS_PER_TICK`` checks run per
+    tick (the rest wait for the next), so spoofed SYNs cost bounded time.
+    """
 
     def __init__(self, reactor: Reactor, tick: float = TICK, give_up: float = GIVE_UP) -> None:
         self.reactor = reactor
         self.tick = tick
         self.give_up = give_up
-        self._watched: dict[int, tuple[socket.socket, float]] = {}
+        self._watched: dict[int, _Watched] = {}
         self._timer: Timer | None = None
         self.pushed = 0
         """Sockets pushed after their handshake completed."""
@@ -66,7 +86,7 @@ class EstablishWatcher:
 
     def add(self, sock: socket.socket) -> None:
         """Watch ``sock``, known by the caller to be in SYN_RECV."""
-        self._watched[sock.fileno()] = (sock, self.reactor.now + self.give_up)
+        self._watched[sock.fileno()] = _Watched(sock, self.reactor.now, self.give_up, self.tick)
         if self._timer is None:
             self._timer = self.reactor.call_later(self.tick, self._check)
 
@@ -75,7 +95,7 @@ class EstablishWatcher:
         fd = sock.fileno()
         if fd >= 0:
             entry = self._watched.get(fd)
-            if entry is not None and entry[0] is sock:
+            if entry is not None and entry.sock is sock:
                 del self._watched[fd]
 
     def close(self) -> None:
@@ -87,7 +107,14 @@ class EstablishWatcher:
     def _check(self) -> None:
         self._timer = None
         now = self.reactor.now
-        for fd, (sock, deadline) in list(self._watched.items()):
+        checks = 0
+        for fd, w in list(self._watched.items()):
+            if w.next_at > now:
+                continue
+            if checks >= MAX_CHECKS_PER_TICK:
+                break
+            checks += 1
+            sock = w.sock
             if sock.fileno() != fd:      # closed (and maybe reused) behind our back
                 del self._watched[fd]
                 continue
@@ -96,18 +123,22 @@ class EstablishWatcher:
             except OSError:
                 del self._watched[fd]
                 continue
-            if state == TCP_SYN_RECV:
-                if now >= deadline:
-                    del self._watched[fd]
-                    self.expired += 1
-                    log.debug("fd %d: handshake not completed in %.0fs", fd, self.give_up)
+            if state == TCP_SYN_RECV and now < w.deadline:
+                if now - w.added >= FAST_FOR:
+                    w.interval = min(w.interval * 2, SLOW_MAX)
+                w.next_at = now + w.interval
                 continue
             del self._watched[fd]
+            if state == TCP_SYN_RECV:
+                # (Pushing in SYN_RECV does not help: measured, see the module doc.)
+                self.expired += 1
+                log.debug("fd %d: handshake not completed in %.0fs", fd, self.give_up)
+                continue
+            self.pushed += 1
             try:
-                # Any state past SYN_RECV: the handshake is done (or the peer
-                # closed); setting TCP_NODELAY pushes what is queued.
+                # Past SYN_RECV the handshake is done (or the peer closed);
+                # setting TCP_NODELAY pushes what is queued.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self.pushed += 1
             except OSError:
                 pass
         if self._watched:
