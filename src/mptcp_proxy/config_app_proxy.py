@@ -36,9 +36,9 @@ class Credentials:
     def parse(cls, text: str, key: str = "--auth") -> "Credentials":
         users: dict[str, str] = {}
         for number, line in enumerate(text.splitlines(), 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
+            if not line.strip() or line.lstrip().startswith("#"):
                 continue
+            # Not stripped: spaces may belong to the password.
             user, colon, password = line.partition(":")
             if not colon or not user or not password:
                 raise ConfigError(key, f"line {number}: expected user:password")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -167,3 +168,25 @@ def test_workers_need_a_fixed_port(server):
     proc = CliProcess(["forward", "--listen", "127.0.0.1:0", "--to",
                        f"{server.addr[0]}:{server.addr[1]}", "--workers", "2"])
     assert proc.wait(10) == 2 and "--workers" in proc.output
+
+
+def test_workers_stop_when_the_supervisor_is_killed(server):
+    """PR_SET_PDEATHSIG: no orphaned workers serving without their supervisor."""
+    port = free_port()
+    proc = CliProcess(["forward", "--listen", f"127.0.0.1:{port}", "--to",
+                       f"{server.addr[0]}:{server.addr[1]}", "--workers", "2"])
+    try:
+        proc.wait_for("forward[1]: listening on")
+        out = proc.wait_for("forward[0]: listening on")
+        pids = [int(p) for p in re.findall(r"worker \d started \(pid (\d+)\)", out)]
+        assert len(pids) == 2
+    finally:
+        proc.signal(signal.SIGKILL)
+        proc.wait(15)
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}")
+                 and open(f"/proc/{p}/stat").read().split(") ")[1][0] != "Z"]
+        time.sleep(0.05)
+    assert alive == [], f"workers {alive} outlived their supervisor"

@@ -150,3 +150,16 @@ def test_namespaces_keep_separate_records(ns, tmp_path):
         assert len(list(tmp_path.glob("*.json"))) == 0
     finally:
         subprocess.run(["ip", "netns", "del", other], check=False)
+
+
+def test_an_unwritable_record_directory_is_a_kernel_error(ns, tmp_path):
+    from mptcp_proxy.kernel.sysctl import SharedSysctlBits
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with netns.enter(ns):
+        before = read_sysctl(TFO)
+        holder = SharedSysctlBits(TFO, 0x2, state_dir=blocker / "sub")
+        with pytest.raises(KernelError, match="cannot record"):
+            holder.acquire()
+        assert read_sysctl(TFO) == before and not holder.held

@@ -287,3 +287,14 @@ def test_a_crafted_host_name_is_refused_in_linear_time():
 def test_valid_hostname(name, ok):
     from mptcp_proxy.modes.policy import valid_hostname
     assert valid_hostname(name) is ok
+
+
+def test_lf_line_then_crlf_blank_line_ends_the_head():
+    _, request = run(HttpConnectHandshake(), b"CONNECT a.example:1 HTTP/1.1\nHost: a\n\r\nrest")
+    assert request == HttpConnectRequest("a.example", 1)
+
+
+def test_passwords_keep_their_spaces():
+    creds = Credentials.parse("alice: spaced out \n  # comment\n")
+    assert creds.check("alice", " spaced out ")
+    assert not creds.check("alice", "spaced out")

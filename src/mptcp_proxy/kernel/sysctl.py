@@ -134,9 +134,18 @@ class SharedSysctlBits:
         """A record left by holders that all died was found (and undone) by acquire()."""
 
     def acquire(self) -> None:
-        """Set the bits (if not set already) and register as a holder. Idempotent."""
+        """Set the bits (if not set already) and register as a holder. Idempotent.
+
+        :class:`KernelError` if the sysctl or the record cannot be written."""
         if self.held:
             return
+        try:
+            self._acquire()
+        except OSError as exc:
+            raise KernelError(f"cannot record the users of {self.key} in {self.state_dir}: "
+                              f"{exc.strerror}") from None
+
+    def _acquire(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.state_dir / f"{_netns_inode()}-{self.key}.json"
         with self._locked() as record:
@@ -163,6 +172,13 @@ class SharedSysctlBits:
         if not self.held:
             return
         self.held = False
+        try:
+            self._release()
+        except OSError as exc:
+            raise KernelError(f"cannot update the users of {self.key} in {self.state_dir}: "
+                              f"{exc.strerror}") from None
+
+    def _release(self) -> None:
         with self._locked() as record:
             if not record:
                 return

@@ -258,13 +258,9 @@ def _header_end(buf: bytearray) -> tuple[int, int]:
     """(index of the blank line that ends the header block, its length), or (-1, 0).
 
     Lines may end in CRLF or a bare LF (RFC 9112 §2.2 lets recipients accept it)."""
-    crlf = buf.find(b"\r\n\r\n")
-    lf = buf.find(b"\n\n")
-    if crlf < 0 and lf < 0:
-        return -1, 0
-    if lf < 0 or (0 <= crlf < lf):
-        return crlf, 4
-    return lf, 2
+    ends = [(i, n) for i, n in ((buf.find(b"\r\n\r\n"), 4), (buf.find(b"\n\n"), 2),
+                                (buf.find(b"\n\r\n"), 3)) if i >= 0]
+    return min(ends) if ends else (-1, 0)
 
 
 __all__ = [

@@ -170,8 +170,9 @@ class AppProxyServer(ProxyServer):
                 self._drain(conn)
         else:
             # Parked while resolving or connecting: only ERR/HUP wake us (epoll
-            # reports them whatever the mask). The relay or the reply sees them.
-            self._unwatch(conn)
+            # reports them whatever the mask): the client is gone, so is the
+            # reason to look its target up or connect to it.
+            self._abort(conn, "client-reset")
 
     def _read(self, conn: _Conn) -> None:
         try:

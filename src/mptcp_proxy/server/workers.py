@@ -9,6 +9,7 @@ died unexpectedly (at most once per second), and exits when all have stopped.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -18,6 +19,21 @@ from typing import Callable
 log = logging.getLogger("mptcp_proxy.server")
 
 RESTART_MIN_INTERVAL = 1.0
+PR_SET_PDEATHSIG = 1          # <linux/prctl.h>
+
+
+def _die_with(parent: int) -> None:
+    """SIGTERM this worker when the supervisor dies, even by SIGKILL: the parent
+    holds what the workers share (the converter's sysctl bits), and orphans
+    would go on serving without it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG): %s", os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as exc:
+        log.warning("prctl unavailable: %s", exc)
+    if os.getppid() != parent:   # it died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_workers(count: int, serve: Callable[[int], int]) -> int:
@@ -25,6 +41,8 @@ def run_workers(count: int, serve: Callable[[int], int]) -> int:
     children: dict[int, int] = {}   # pid -> worker index
     stopping = False
     last_start: dict[int, float] = {}
+
+    parent = os.getpid()
 
     def spawn(index: int) -> None:
         last_start[index] = time.monotonic()
@@ -34,6 +52,7 @@ def run_workers(count: int, serve: Callable[[int], int]) -> int:
             try:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                _die_with(parent)
                 code = serve(index)
             except BaseException:
                 log.exception("worker %d failed", index)
