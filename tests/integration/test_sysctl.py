@@ -163,3 +163,16 @@ def test_an_unwritable_record_directory_is_a_kernel_error(ns, tmp_path):
         with pytest.raises(KernelError, match="cannot record"):
             holder.acquire()
         assert read_sysctl(TFO) == before and not holder.held
+
+
+def test_records_of_namespaces_that_are_gone_are_removed(ns, tmp_path):
+    from mptcp_proxy.kernel.sysctl import SharedSysctlBits
+
+    stale = tmp_path / f"{2**40 + 7}-{TFO}.json"   # an inode no namespace has
+    stale.write_text('{"original": "1", "set": "3", "holders": ["1:0:x"]}\n')
+    with netns.enter(ns):
+        holder = SharedSysctlBits(TFO, 0x2, state_dir=tmp_path)
+        holder.acquire()
+        assert not stale.exists()
+        assert len(list(tmp_path.glob("*.json"))) == 1   # its own
+        holder.release()

@@ -149,6 +149,7 @@ class SharedSysctlBits:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.state_dir / f"{_netns_inode()}-{self.key}.json"
         with self._locked() as record:
+            self._remove_records_of_gone_namespaces()
             holders = _live(record.get("holders", [])) if record else []
             if record and not holders:
                 self._restore(record, "left by a process that died")
@@ -205,6 +206,15 @@ class SharedSysctlBits:
         write_sysctl(self.key, record["original"])
         log.info("sysctl %s restored to %s (%s)", self.key, record["original"], why)
 
+    def _remove_records_of_gone_namespaces(self) -> None:
+        """Records whose namespace no longer exists (a lab deleted under a
+        killed converter) would otherwise stay, and inode numbers are reused."""
+        live = _live_netns_inodes()
+        for path in self.state_dir.glob("*-*.json"):
+            inode = path.name.partition("-")[0]
+            if path != self.path and inode.isdigit() and int(inode) not in live:
+                path.unlink(missing_ok=True)
+
     def _write(self, record: dict) -> None:
         assert self.path is not None  # set by acquire
         tmp = self.path.with_suffix(".tmp")
@@ -232,6 +242,18 @@ class SharedSysctlBits:
                 yield record
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _live_netns_inodes() -> set[int]:
+    """Inodes of the network namespaces that exist: those of processes and
+    those kept by a bind mount (``ip netns``)."""
+    found: set[int] = set()
+    for ns_file in [*Path("/proc").glob("[0-9]*/ns/net"), *Path("/run/netns").glob("*")]:
+        try:
+            found.add(os.stat(ns_file).st_ino)
+        except OSError:
+            continue   # the process ended meanwhile
+    return found
 
 
 def _live(holders: list) -> list[str]:
