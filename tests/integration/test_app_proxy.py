@@ -45,14 +45,15 @@ DEADLINE = 1.5
 class FakeResolver:
     """The lab's names; anything else fails like getaddrinfo does."""
 
-    def __init__(self, names: dict[str, str]) -> None:
+    def __init__(self, names: dict[str, str | list[str]]) -> None:
         self.names = names
 
     def __call__(self, host: str, port: int) -> list[str]:
         if host.startswith("slow"):
             time.sleep(3)   # a DNS server that does not answer in time
         try:
-            return [self.names[host]]
+            found = self.names[host]
+            return list(found) if isinstance(found, list) else [found]
         except KeyError:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known") from None
 
@@ -63,8 +64,13 @@ class AppEnv:
         self.tcp_server = tcp
         self.mptcp_server = mp
         self.runners: list[ProxyRunner] = []
-        self.resolver = FakeResolver({"server.lab.example": lab.server_addr,
-                                      "loop.lab.example": "127.0.0.1"})
+        self.resolver = FakeResolver({
+            "server.lab.example": lab.server_addr,
+            "loop.lab.example": "127.0.0.1",
+            # The servers listen on IPv4 only: the IPv6 address refuses.
+            "multi.lab.example": [lab.server_addr6, lab.server_addr],
+            "mixed.lab.example": ["127.0.0.1", lab.server_addr],
+        })
 
     def start(self, protocol: str, **kw) -> ProxyRunner:
         k = self.lab.server_addr.split(".")[1]
@@ -671,3 +677,16 @@ def test_slow_name_lookups_time_out_with_an_answer_and_free_the_resolver(env, pr
     finally:
         runner.stop()
         env.runners.remove(runner)
+
+
+@pytest.mark.parametrize("name, tried", [("multi.lab.example", "tried=1"),
+                                         ("mixed.lab.example", None)])
+def test_a_name_s_other_addresses_are_tried(env, proxies, proto, conn_log, name, tried):
+    """A refused first address falls through to the next; a forbidden one is
+    skipped without being connected to."""
+    up = payload(20_000, 12)
+    down = tunnel(env, proxies[proto].addr, proto, name, SERVER_PORT, up)
+    assert sha256(down) == sha256(DOWN)
+    line = log_lines(conn_log, f"mode={proto}", f"name={name}")[-1]
+    assert f"target={env.lab.server_addr}:{SERVER_PORT}" in line and "reason=done" in line
+    assert (tried in line) if tried else ("tried=" not in line)

@@ -62,7 +62,7 @@ class _Conn:
 
     __slots__ = ("sock", "fd", "session", "handshake", "client", "started", "state",
                  "deadline", "lookup", "connect", "out", "linger", "reason", "watched",
-                 "request")
+                 "request", "alternatives")
 
     def __init__(self, sock: socket.socket, session: Session, handshake: AppHandshake,
                  client: IPAddress, started: float) -> None:
@@ -81,6 +81,7 @@ class _Conn:
         self.reason = ""
         self.watched = False
         self.request: AppRequest | None = None
+        self.alternatives: list[IPAddress] = []   # a name's other allowed addresses
 
 
 class AppProxyServer(ProxyServer):
@@ -252,13 +253,15 @@ class AppProxyServer(ProxyServer):
         conn.lookup = None
         if conn.state != _RESOLVING:
             return
-        address = None
-        if addresses:
+        parsed: list[IPAddress] = []
+        for text in addresses or ():
             try:
-                address = normalize(parse_address(addresses[0].split("%", 1)[0]))
+                address = normalize(parse_address(text.split("%", 1)[0]))
             except ValueError:
-                address = None
-        if address is None:
+                continue
+            if address not in parsed:
+                parsed.append(address)
+        if not parsed:
             log.debug("conn=%d cannot resolve %s: %s", conn.session.id,
                       conn.request.host if conn.request else "?", error)
             self._refuse(conn, Refusal.RESOLVE_FAILED)
@@ -266,11 +269,16 @@ class AppProxyServer(ProxyServer):
         extra = conn.session.extra if conn.session.extra is not None else {}
         extra["name"] = conn.session.target
         conn.session.extra = extra
-        assert conn.request is not None  # set before resolving
-        conn.session.target = format_addr((str(address), conn.request.port))
-        self._connect(conn, address)
+        # Every address is checked (DNS rebinding); the allowed ones are tried
+        # in the resolver's order until one answers.
+        allowed = [a for a in parsed if self.targets.check(a).allowed]
+        first = allowed[0] if allowed else parsed[0]   # refused by _connect's check
+        conn.alternatives = allowed[1:]
+        self._connect(conn, first)
 
     def _connect(self, conn: _Conn, address: IPAddress) -> None:
+        assert conn.request is not None  # set by _requested
+        conn.session.target = format_addr((str(address), conn.request.port))
         decision = self.targets.check(address)
         if not decision.allowed:
             log.debug("conn=%d target %s refused: %s", conn.session.id, address,
@@ -293,6 +301,14 @@ class AppProxyServer(ProxyServer):
                 result.sock.close()
             return
         if result.error is not None:
+            if conn.alternatives:
+                log.debug("conn=%d %s: %s; trying the next address", conn.session.id,
+                          conn.session.target, result.error.reason)
+                extra = conn.session.extra if conn.session.extra is not None else {}
+                extra["tried"] = extra.get("tried", 0) + 1
+                conn.session.extra = extra
+                self._connect(conn, conn.alternatives.pop(0))
+                return
             conn.session.upstream_requested_mptcp = result.requested_mptcp
             self._refuse(conn, refusal_for(result.error), f"upstream-{result.error.reason}")
             return
