@@ -173,7 +173,10 @@ def env(tmp_path_factory):
     script = tmp_path_factory.mktemp("srv") / "http_server.py"
     script.write_text(HTTP_SERVER)
     created_etc = not NETNS_ETC.exists()
-    with Lab.create(paths=[PathSpec(rate_mbit=20), PathSpec(rate_mbit=20)]) as lab:
+    # 5 ms each way: the converter answers before the agent's third ACK arrives
+    # (the early-write kernel issue, dataplane/establish.py), as on real paths.
+    paths = [PathSpec(rate_mbit=20, delay_ms=5), PathSpec(rate_mbit=20, delay_ms=5)]
+    with Lab.create(paths=paths) as lab:
         etc = NETNS_ETC / lab.client.ns
         http = converter = converter_nc = None
         try:
