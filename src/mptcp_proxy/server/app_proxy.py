@@ -32,59 +32,44 @@ from mptcp_proxy.config_app_proxy import AppProxyConfig
 from mptcp_proxy.dataplane.connect import (
     REFUSED, RESOURCES, TIMEOUT, UNREACHABLE, ConnectResult, Connector, PendingConnect,
 )
-from mptcp_proxy.dataplane.reactor import EPOLLIN, EPOLLOUT, Reactor, Timer
+from mptcp_proxy.dataplane.reactor import EPOLLIN, Reactor, Timer
 from mptcp_proxy.dataplane.resolve import AsyncResolver, Lookup, Resolver, ResolverBusy
 from mptcp_proxy.errors import UpstreamError
 from mptcp_proxy.modes.app_proxy import (
-    HTTP_CONNECT, AppHandshake, AppRequest, HandshakeError, Refusal, error_reason,
+    AppHandshake, AppRequest, HandshakeError, Refusal, error_reason,
 )
 from mptcp_proxy.modes.policy import (
     ClientPolicy, IPAddress, TargetPolicy, normalize, parse_address,
 )
-from mptcp_proxy.server.base import (
-    ProxyServer, Session, client_error_reason, drain_until_eof, format_addr, open_listener,
-)
+from mptcp_proxy.server.base import Session, client_error_reason, format_addr, open_listener
+from mptcp_proxy.server.handshake import CLOSING, HandshakeServer, Handshaking
 from mptcp_proxy.server.convert import local_addresses
 
 log = logging.getLogger("mptcp_proxy.app_proxy")
 
 READ_SIZE = 4096
-CLOSE_LINGER = 2.0            # seconds to wait for the client's FIN after a refusal
-DRAIN_READS = 16
 ADDRESS_REFRESH = 30.0        # seconds between re-reads of the proxy's own addresses
 
-_HANDSHAKE, _RESOLVING, _CONNECTING, _CLOSING, _DONE = (
-    "handshake", "resolving", "connecting", "closing", "done")
+_HANDSHAKE, _RESOLVING, _CONNECTING = "handshake", "resolving", "connecting"
 
 
-class _Conn:
+class _Conn(Handshaking):
     """One client connection between accept and relay (or close)."""
 
-    __slots__ = ("sock", "fd", "session", "handshake", "client", "started", "state",
-                 "deadline", "lookup", "connect", "out", "linger", "reason", "watched",
-                 "request", "alternatives")
+    __slots__ = ("handshake", "client", "lookup", "connect", "request", "alternatives")
 
     def __init__(self, sock: socket.socket, session: Session, handshake: AppHandshake,
                  client: IPAddress, started: float) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.session = session
+        super().__init__(sock, session, client, started, _HANDSHAKE)
         self.handshake = handshake
         self.client = client
-        self.started = started
-        self.state = _HANDSHAKE
-        self.deadline: Timer | None = None
         self.lookup: Lookup | None = None
         self.connect: PendingConnect | None = None
-        self.out = b""
-        self.linger: Timer | None = None
-        self.reason = ""
-        self.watched = False
         self.request: AppRequest | None = None
         self.alternatives: list[IPAddress] = []   # a name's other allowed addresses
 
 
-class AppProxyServer(ProxyServer):
+class AppProxyServer(HandshakeServer):
     """SOCKS5 or HTTP CONNECT in front, MPTCP-first connect behind."""
 
     def __init__(self, config: AppProxyConfig, reactor: Reactor | None = None,
@@ -101,8 +86,6 @@ class AppProxyServer(ProxyServer):
         self.targets = TargetPolicy(config.allow_targets, config.deny_targets)
         self.authenticator: Callable[[str, str], bool] | None = \
             config.credentials.check if config.credentials is not None else None
-        self.pending: dict[int, _Conn] = {}
-        self.pending_by_client: dict[IPAddress, int] = {}
         self._refresh_timer: Timer | None = None
 
     # -- lifecycle ------------------------------------------------------------
@@ -131,8 +114,6 @@ class AppProxyServer(ProxyServer):
 
     def abort_pending(self) -> None:
         super().abort_pending()
-        for conn in list(self.pending.values()):
-            self._abort(conn, "shutdown")
         if self._refresh_timer is not None:
             self._refresh_timer.cancel()
             self._refresh_timer = None
@@ -150,30 +131,25 @@ class AppProxyServer(ProxyServer):
         authenticator = self.authenticator if self.clients.allows(client) else None
         conn = _Conn(sock, session, AppHandshake(self.config.protocol, authenticator),
                      client, self.reactor.now)
-        open_from_client = self.pending_by_client.get(client, 0)
-        if open_from_client >= self.config.max_pending_per_client:
+        if self.pending_by_client.get(client, 0) >= self.config.max_pending_per_client:
             # Before any byte of the handshake: the protocols have no answer here.
             self.reject(sock, session, "too-many-pending")
             return
-        self.pending[session.id] = conn
-        self.pending_by_client[client] = open_from_client + 1
-        self._watch(conn, EPOLLIN)
+        self.track(conn)
+        self.watch(conn, EPOLLIN)
         conn.deadline = self.reactor.call_later(self.config.handshake_timeout,
                                                 lambda: self._on_deadline(conn))
 
-    def _on_event(self, conn: _Conn, events: int) -> None:
+    def on_handshake_event(self, conn: _Conn, events: int) -> None:  # type: ignore[override]
         if conn.state == _HANDSHAKE:
             self._read(conn)
-        elif conn.state == _CLOSING:
-            if conn.out:
-                self._flush(conn)
-            else:
-                self._drain(conn)
+        elif conn.state == CLOSING:
+            self.on_closing_event(conn)
         else:
             # Parked while resolving or connecting: only ERR/HUP wake us (epoll
             # reports them whatever the mask): the client is gone, so is the
             # reason to look its target up or connect to it.
-            self._abort(conn, "client-reset")
+            self.abort(conn, "client-reset")
 
     def _read(self, conn: _Conn) -> None:
         try:
@@ -181,17 +157,17 @@ class AppProxyServer(ProxyServer):
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._abort(conn, client_error_reason(exc))
+            self.abort(conn, client_error_reason(exc))
             return
         if not data:
-            self._abort(conn, "client-eof", reset=False)
+            self.abort(conn, "client-eof", reset=False)
             return
         try:
             out, request = conn.handshake.feed(data)
         except HandshakeError as exc:
             reason = error_reason(self.config.protocol, exc)
             log.debug("conn=%d %s: %s", conn.session.id, reason, exc)
-            self._close_with(conn, exc.reply, reason)
+            self.close_with(conn, exc.reply, reason)
             return
         if out and not self._send_small(conn, out):
             return
@@ -206,14 +182,14 @@ class AppProxyServer(ProxyServer):
             sent = -1
         if sent == len(data):
             return True
-        self._abort(conn, "client-error")
+        self.abort(conn, "client-error")
         return False
 
     def _on_deadline(self, conn: _Conn) -> None:
         conn.deadline = None
         if conn.state == _HANDSHAKE:
             # Still talking: the deadline ends it without a word.
-            self._abort(conn, "handshake-timeout", reset=False)
+            self.abort(conn, "handshake-timeout", reset=False)
         elif conn.state == _RESOLVING:
             # The request was complete: it gets its answer (REP 6, 504).
             self._refuse(conn, Refusal.TIMEOUT, "resolve-timeout")
@@ -318,109 +294,21 @@ class AppProxyServer(ProxyServer):
         except OSError:
             bound = None
         reply = conn.handshake.success(bound)
-        self._cancel_deadline(conn)
-        self._forget(conn)
-        conn.state = _DONE
-        conn.watched = False  # the relay takes the fd over (register() re-owns it)
+        self.hand_to_relay(conn)
         self.start_relay(conn.sock, result, conn.session,
                          initial_to_upstream=conn.handshake.leftover, reply=reply)
 
-    # -- refusing and closing ----------------------------------------------------------
+    # -- refusing ----------------------------------------------------------------------
     def _refuse(self, conn: _Conn, refusal: Refusal, reason: str | None = None) -> None:
         reply, code = conn.handshake.refuse(refusal)
-        label = "socks5" if self.config.protocol != HTTP_CONNECT else "http"
-        log.debug("conn=%d refused (%s): %s %d", conn.session.id, refusal.value, label, code)
-        self._close_with(conn, reply, reason or f"refused:{refusal.value}")
+        log.debug("conn=%d refused (%s): %d", conn.session.id, refusal.value, code)
+        self.close_with(conn, reply, reason or f"refused:{refusal.value}")
 
-    def _close_with(self, conn: _Conn, reply: bytes, reason: str) -> None:
-        """Send ``reply``, FIN, drain the client until its FIN, close."""
-        self._cancel_deadline(conn)
-        if conn.lookup is not None:
-            conn.lookup.cancel()
-            conn.lookup = None
-        conn.state = _CLOSING
-        conn.reason = reason
-        conn.out = reply
-        conn.linger = self.reactor.call_later(CLOSE_LINGER, lambda: self._finish(conn))
-        self._watch(conn, EPOLLIN)
-        self._flush(conn)
-
-    def _flush(self, conn: _Conn) -> None:
-        while conn.out:
-            try:
-                n = conn.sock.send(conn.out)
-            except (BlockingIOError, InterruptedError):
-                self.reactor.set_mask(conn.fd, EPOLLOUT)  # reading resumes once it is sent
-                return
-            except OSError as exc:
-                conn.reason += f" ({client_error_reason(exc)})"
-                self._finish(conn)
-                return
-            conn.out = conn.out[n:]
-        try:
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # already reset: the drain below ends it
-        self.reactor.set_mask(conn.fd, EPOLLIN)
-        self._drain(conn)
-
-    def _drain(self, conn: _Conn) -> None:
-        if drain_until_eof(conn.sock, DRAIN_READS, READ_SIZE):
-            self._finish(conn)
-
-    def _finish(self, conn: _Conn) -> None:
-        if conn.state == _DONE:
-            return
-        conn.state = _DONE
-        if conn.linger is not None:
-            conn.linger.cancel()
-            conn.linger = None
-        self._unwatch(conn)
-        self._forget(conn)
-        self.reject(conn.sock, conn.session, conn.reason, abort=False,
-                    duration=self.reactor.now - conn.started)
-
-    def _abort(self, conn: _Conn, reason: str, reset: bool = True) -> None:
-        """Close at once, no reply (the client broke off, or shutdown)."""
-        if conn.state == _DONE:
-            return
-        conn.state = _DONE
-        self._cancel_deadline(conn)
-        for handle in (conn.linger, conn.lookup, conn.connect):
+    def cancel_work(self, conn: _Conn) -> None:  # type: ignore[override]
+        for handle in (conn.lookup, conn.connect):
             if handle is not None:
                 handle.cancel()
-        conn.linger = conn.lookup = conn.connect = None
-        self._unwatch(conn)
-        self._forget(conn)
-        self.reject(conn.sock, conn.session, reason, abort=reset,
-                    duration=self.reactor.now - conn.started)
-
-    # -- bookkeeping ----------------------------------------------------------
-    def _watch(self, conn: _Conn, mask: int) -> None:
-        if conn.watched:
-            self.reactor.set_mask(conn.fd, mask)
-        else:
-            self.reactor.register(conn.fd, mask, lambda ev, c=conn: self._on_event(c, ev))
-            conn.watched = True
-
-    def _unwatch(self, conn: _Conn) -> None:
-        if conn.watched:
-            self.reactor.unregister(conn.fd)
-            conn.watched = False
-
-    def _cancel_deadline(self, conn: _Conn) -> None:
-        if conn.deadline is not None:
-            conn.deadline.cancel()
-            conn.deadline = None
-
-    def _forget(self, conn: _Conn) -> None:
-        if self.pending.pop(conn.session.id, None) is None:
-            return
-        left = self.pending_by_client.get(conn.client, 1) - 1
-        if left > 0:
-            self.pending_by_client[conn.client] = left
-        else:
-            self.pending_by_client.pop(conn.client, None)
+        conn.lookup = conn.connect = None
 
 
 def refusal_for(error: UpstreamError) -> Refusal:

@@ -10,7 +10,7 @@ the pair to the relay with the reply queued in front of the server's bytes.
 Design rules:
 - One deadline per handshake, from accept to a complete message (not per read).
 - Errors travel in the stream, then ``shutdown(SHUT_WR)``; the client's
-  remaining bytes are read and dropped until its FIN (or ``CLOSE_LINGER``), so
+  remaining bytes are read and dropped until its FIN (or ``handshake.CLOSE_LINGER``), so
   the kernel sends a FIN, not the RST that closing a socket with unread data
   causes. Error replies are rate-limited per client; over the rate the
   connection is closed without one.
@@ -39,7 +39,7 @@ from mptcp_proxy.dataplane.connect import (
     REFUSED, RESOURCES, TIMEOUT, UNREACHABLE, ConnectResult, Connector, PendingConnect,
 )
 from mptcp_proxy.dataplane.establish import TCP_SYN_RECV, EstablishWatcher
-from mptcp_proxy.dataplane.reactor import EPOLLIN, EPOLLOUT, Reactor, Timer
+from mptcp_proxy.dataplane.reactor import EPOLLIN, Reactor, Timer
 from mptcp_proxy.errors import KernelError, UpstreamError
 from mptcp_proxy.kernel.sysctl import SharedSysctlBits, read_sysctl
 from mptcp_proxy.modes.convert import (
@@ -51,9 +51,8 @@ from mptcp_proxy.observe.sockinfo import (
     IPPROTO_MPTCP, TCPI_OPT_SACK, TCPI_OPT_SYN_DATA, TCPI_OPT_TIMESTAMPS, TCPI_OPT_WSCALE,
     SockInfoError, mptcp_info, tcp_options, tcp_state_and_option_bits,
 )
-from mptcp_proxy.server.base import (
-    ProxyServer, Session, drain_until_eof, open_listener,
-)
+from mptcp_proxy.server.base import Session, client_error_reason, open_listener
+from mptcp_proxy.server.handshake import CLOSING, DONE, HandshakeServer, Handshaking
 from mptcp_proxy.wire.convert import TcpOptionKind
 
 log = logging.getLogger("mptcp_proxy.convert")
@@ -66,8 +65,6 @@ TFO_SERVER_ENABLE = 0x2
 TFO_SERVER_COOKIE_NOT_REQD = 0x200
 
 READ_SIZE = 4096              # one read holds a whole Convert message (<= 1020 bytes)
-CLOSE_LINGER = 2.0            # seconds to wait for the client's FIN after a reply
-DRAIN_READS = 16              # reads per event while draining a refused client
 ADDRESS_REFRESH = 30.0        # seconds between re-reads of the proxy's own addresses
 MEMO_SIZE = 4096              # entries of each address memo (cleared when full)
 THREAD_PROC_NET = Path("/proc/thread-self/net")  # this thread's namespace, not the process's
@@ -79,7 +76,7 @@ _ICMP_CODE_BY_ERRNO = {
     errno.EHOSTUNREACH: 1,    # host unreachable (also admin-prohibited 9, 10, 13)
 }
 
-_READING, _CONNECTING, _CLOSING, _DONE = "reading", "connecting", "closing", "done"
+_READING, _CONNECTING = "reading", "connecting"
 
 
 @dataclass
@@ -98,34 +95,22 @@ class ConvertStats:
     """Upstream connections whose SYN carried the client's first bytes (TFO)."""
 
 
-class _Pending:
+class _Pending(Handshaking):
     """One client connection between accept and relay (or close)."""
 
-    __slots__ = ("sock", "fd", "session", "handshake", "client", "host", "started", "state",
-                 "deadline", "connect", "result", "out", "shut", "linger", "reason",
-                 "registered")
+    __slots__ = ("handshake", "client", "connect", "result")
 
     def __init__(self, sock: socket.socket, session: Session, handshake: ConvertHandshake,
                  client: IPAddress, host: str, started: float) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.session = session
+        # Counted per client by the address as accept() spelled it (``host``).
+        super().__init__(sock, session, host, started, _READING)
         self.handshake = handshake
         self.client = client
-        self.host = host  # the client address as accept() spelled it
-        self.started = started
-        self.state = _READING
-        self.deadline: Timer | None = None
         self.connect: PendingConnect | None = None
         self.result: ConnectResult | None = None
-        self.out = b""
-        self.shut = False
-        self.linger: Timer | None = None
-        self.reason = ""
-        self.registered = False
 
 
-class ConvertServer(ProxyServer):
+class ConvertServer(HandshakeServer):
     """The Transport Converter: accept, decode, check, connect, reply, relay."""
 
     mode_name = "convert"
@@ -284,9 +269,7 @@ class ConvertServer(ProxyServer):
         session.extra = {"tfo": "yes" if syn_data else "no", "convert": "-"}
         handshake = ConvertHandshake(self.settings, client, time.time())
         p = _Pending(sock, session, handshake, client, host, self.reactor.now)
-        self.pending[session.id] = p
-        open_from_client = self.pending_by_client.get(host, 0)
-        self.pending_by_client[host] = open_from_client + 1
+        open_from_client = self.track(p)
         action = handshake.start(open_from_client)
         if action is not None:
             self._carry_out(p, action)
@@ -296,23 +279,19 @@ class ConvertServer(ProxyServer):
         # handshake still waits for bytes. Saves two epoll_ctl per connection.
         self._read_client(p)
         if p.state == _READING:
-            self.reactor.register(p.fd, EPOLLIN, lambda ev, p=p: self._on_client_event(p, ev))
-            p.registered = True
+            self.watch(p, EPOLLIN)
             p.deadline = self.reactor.call_later(self.config.handshake_timeout,
                                                  lambda: self._on_deadline(p))
 
-    def _on_client_event(self, p: _Pending, events: int) -> None:
+    def on_handshake_event(self, p: _Pending, events: int) -> None:  # type: ignore[override]
         if p.state == _READING:
             self._read_client(p)
         elif p.state == _CONNECTING:
             # Parked socket reporting ERR/HUP (epoll ignores the empty mask for
             # those): stop watching; the relay or the reply sees the error later.
-            self._unregister(p)
-        elif p.state == _CLOSING:
-            if p.out:
-                self._flush(p)
-            else:
-                self._drain(p)
+            self.unwatch(p)
+        elif p.state == CLOSING:
+            self.on_closing_event(p)
 
     def _read_client(self, p: _Pending) -> None:
         try:
@@ -320,7 +299,7 @@ class ConvertServer(ProxyServer):
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._abort(p, _client_error_reason(exc))
+            self._abort(p, client_error_reason(exc))
             return
         handshake = p.handshake
         action = handshake.receive(data) if data else handshake.receive_eof()
@@ -350,10 +329,10 @@ class ConvertServer(ProxyServer):
 
     def _open_upstream(self, p: _Pending, action: OpenUpstream) -> None:
         if p.deadline is not None:
-            self._cancel_deadline(p)
+            self.cancel_deadline(p)
         # Not read again until the relay owns it: parked with no interest (the
         # relay's register() then costs one epoll_ctl MOD, not DEL + ADD).
-        if p.registered:
+        if p.watched:
             self.reactor.set_mask(p.fd, 0)
         p.state = _CONNECTING
         address, port = action.address, action.port
@@ -398,9 +377,7 @@ class ConvertServer(ProxyServer):
     def _relay(self, p: _Pending, action: StartRelay) -> None:
         result = p.result
         assert result is not None  # StartRelay follows a successful connect
-        self._forget(p)
-        p.state = _DONE
-        p.registered = False  # the relay takes the fd over (register() re-owns it)
+        self.hand_to_relay(p)
         rest = p.handshake.early_data
         if result.early_sent:
             rest = rest[result.early_sent:]
@@ -416,9 +393,6 @@ class ConvertServer(ProxyServer):
 
     def _reply_and_close(self, p: _Pending, reply: bytes,
                          action: ReplyAndClose | CloseQuietly) -> None:
-        self._cancel_deadline(p)
-        p.state = _CLOSING
-        p.reason = action.reason
         code = getattr(action, "code", None)
         if code is not None:
             stats = self.convert_stats.errors
@@ -427,99 +401,25 @@ class ConvertServer(ProxyServer):
                 self.convert_stats.rate_limited += 1
                 p.session.extra["reply"] = "rate-limited"  # type: ignore[index]
                 reply = b""
-        # (Re-)arm read interest: the socket may be parked with none while connecting.
-        self.reactor.register(p.fd, EPOLLIN, lambda ev, p=p: self._on_client_event(p, ev))
-        p.registered = True
-        p.out = reply
-        p.linger = self.reactor.call_later(CLOSE_LINGER, lambda: self._finish(p))
-        self._flush(p)
-
-    def _flush(self, p: _Pending) -> None:
-        while p.out:
-            try:
-                n = p.sock.send(p.out)
-            except (BlockingIOError, InterruptedError):
-                self.reactor.set_mask(p.fd, EPOLLOUT)  # reading resumes once it is sent
-                return
-            except OSError as exc:
-                p.reason += f" ({_client_error_reason(exc)})"
-                self._finish(p)
-                return
-            p.out = p.out[n:]
-        if not p.shut:
-            p.shut = True
-            try:
-                p.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass  # already reset: the drain below ends it
-        self.reactor.set_mask(p.fd, EPOLLIN)
-        self._drain(p)
-
-    def _drain(self, p: _Pending) -> None:
-        """Read and drop until the client's FIN: closing with unread data sends a RST."""
-        if drain_until_eof(p.sock, DRAIN_READS, READ_SIZE):
-            self._finish(p)
-
-    def _finish(self, p: _Pending) -> None:
-        if p.state == _DONE:
-            return
-        p.state = _DONE
-        self._cancel_deadline(p)
-        if p.linger is not None:
-            p.linger.cancel()
-            p.linger = None
-        self._unregister(p)
-        self._forget(p)
-        self.reject(p.sock, p.session, p.reason, abort=False,
-                    duration=self.reactor.now - p.started)
+        self.close_with(p, reply, action.reason)
 
     def _abort(self, p: _Pending, reason: str) -> None:
         """The client broke the connection: close at once, no reply."""
-        if p.state == _DONE:
-            return
-        p.reason = reason
-        p.session.extra["convert"] = p.handshake.outcome or "-"  # type: ignore[index]
-        p.state = _DONE
-        self._cancel_deadline(p)
-        if p.linger is not None:
-            p.linger.cancel()
-            p.linger = None
+        if p.state != DONE:
+            p.session.extra["convert"] = p.handshake.outcome or "-"  # type: ignore[index]
+        self.abort(p, reason)
+
+    def cancel_work(self, p: _Pending) -> None:  # type: ignore[override]
         if p.connect is not None:
             p.connect.cancel()
             p.connect = None
-        self._unregister(p)
-        self._forget(p)
-        self.reject(p.sock, p.session, reason, abort=True,
-                    duration=self.reactor.now - p.started)
 
     def abort_pending(self) -> None:
         super().abort_pending()
-        for p in list(self.pending.values()):
-            self._abort(p, "shutdown")
         self.establish.close()
         if self._refresh_timer is not None:
             self._refresh_timer.cancel()
             self._refresh_timer = None
-
-    # -- bookkeeping ----------------------------------------------------------
-    def _cancel_deadline(self, p: _Pending) -> None:
-        if p.deadline is not None:
-            p.deadline.cancel()
-            p.deadline = None
-
-    def _unregister(self, p: _Pending) -> None:
-        if p.registered:
-            self.reactor.unregister(p.fd)
-            p.registered = False
-
-    def _forget(self, p: _Pending) -> None:
-        if self.pending.pop(p.session.id, None) is None:
-            return
-        left = self.pending_by_client.get(p.host, 1) - 1
-        if left > 0:
-            self.pending_by_client[p.host] = left
-        else:
-            self.pending_by_client.pop(p.host, None)
 
 
 # --------------------------------------------------------------------------
@@ -664,10 +564,3 @@ def local_addresses() -> tuple[set[IPAddress], set[IPAddress]]:
     except OSError:
         pass  # IPv6 disabled
     return local, broadcast
-
-
-def _client_error_reason(exc: OSError) -> str:
-    # An MPTCP socket reset before we read reports ENOTCONN, not ECONNRESET.
-    if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ENOTCONN):
-        return "client-reset"
-    return f"client-error:{errno.errorcode.get(exc.errno or 0, exc.errno)}"
