@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from mptcp_proxy.config import Endpoint, RelayConfig, UpstreamMode
 from mptcp_proxy.dataplane.connect import ConnectResult, Connector, PendingConnect
 from mptcp_proxy.dataplane.reactor import EPOLLIN, EPOLLOUT, Reactor, Timer
-from mptcp_proxy.dataplane.relay import LINGER_ABORT, Relay
+from mptcp_proxy.dataplane.relay import LINGER_ABORT
 from mptcp_proxy.dataplane.resolve import AsyncResolver, Resolver, ResolverBusy
 from mptcp_proxy.errors import ConfigError, KernelError
 from mptcp_proxy.kernel import netns
@@ -355,7 +355,6 @@ class ClientAgent(ProxyServer):
         self.resolver = AsyncResolver(self.reactor, resolver, threads=RESOLVER_THREADS,
                                       name="client-resolve")
         self._preferred = 0
-        self._early_sent: dict[int, int] = {}  # session id -> app bytes sent with the request
         self._lock: socket.socket | None = None
         self._netns_fd: int | None = None
         self._table_removed = False
@@ -891,16 +890,9 @@ class ClientAgent(ProxyServer):
             assert conn.socks is not None
             reply = conn.socks.success(_bound(result.sock))
         # Application bytes that already left with the request count as relayed.
-        sent_early = len(conn.early) - len(to_upstream)
-        if sent_early > 0:
-            self._early_sent[conn.session.id] = sent_early
         self.start_relay(conn.app, result, conn.session, initial_to_upstream=to_upstream,
-                         initial_to_client=to_client, reply=reply)
-
-    def relay_closed(self, relay: Relay) -> None:
-        early = self._early_sent.pop(relay.meta.id, 0)  # type: ignore[attr-defined]
-        relay.ab.bytes += early
-        super().relay_closed(relay)
+                         initial_to_client=to_client, reply=reply,
+                         sent_up=max(0, len(conn.early) - len(to_upstream)))
 
     # -- endings ------------------------------------------------------------------
     def _on_deadline(self, conn: _Conn) -> None:

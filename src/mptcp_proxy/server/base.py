@@ -153,8 +153,9 @@ class ProxyServer:
         self.connector: Connector | None = None
         # Called with (session, reason, bytes_up, bytes_down, duration) at every close.
         self.session_listeners: list = []
-        # Session id -> length of the mode's reply queued in front of the relay.
-        self._replies: dict[int, int] = {}
+        # Session id -> (bytes already sent upstream before the relay, length of
+        # the mode's reply queued in front of it): the counts' corrections.
+        self._corrections: dict[int, tuple[int, int]] = {}
         nofile = raise_fd_limit()
         self.max_connections = relay_config.max_connections or max(16, (nofile - FD_RESERVE) // 2)
 
@@ -314,16 +315,18 @@ class ProxyServer:
     # -- endings --------------------------------------------------------------
     def start_relay(self, client: socket.socket, result: ConnectResult, session: Session,
                     initial_to_upstream: bytes = b"", initial_to_client: bytes = b"",
-                    reply: bytes = b"") -> Relay:
+                    reply: bytes = b"", sent_up: int = 0) -> Relay:
         """Relay ``client`` and the connected upstream. ``reply`` (the mode's own
         protocol answer) goes to the client first; unlike ``initial_to_client``
-        (bytes the upstream sent) it is not counted in ``bytes_down``."""
+        (bytes the upstream sent) it is not counted in ``bytes_down``.
+        ``sent_up``: client bytes the mode already delivered upstream (in a
+        TFO SYN, with a request); they count in ``bytes_up`` like relayed ones."""
         assert result.sock is not None  # callers only relay successful connects
         session.upstream_requested_mptcp = result.requested_mptcp
         session.upstream_mptcp = result.mptcp
         self.stats.relayed += 1
-        if reply:
-            self._replies[session.id] = len(reply)
+        if reply or sent_up:
+            self._corrections[session.id] = (sent_up, len(reply))
             initial_to_client = reply + initial_to_client
         return self.engine.relay(client, result.sock, meta=session,
                                  probe_upstream_close=result.fell_back,
@@ -361,8 +364,9 @@ class ProxyServer:
                                         _subflows(relay.sb, bool(session.upstream_mptcp)))
 
     def relay_closed(self, relay: Relay) -> None:
-        reply = self._replies.pop(relay.meta.id, 0)  # type: ignore[attr-defined]
-        if reply:
+        if self._corrections:
+            sent_up, reply = self._corrections.pop(relay.meta.id, (0, 0))  # type: ignore[attr-defined]
+            relay.ab.bytes += sent_up
             relay.ba.bytes = max(0, relay.ba.bytes - reply)
         self.stats.bytes_up += relay.bytes_up
         self.stats.bytes_down += relay.bytes_down

@@ -135,7 +135,6 @@ class ConvertServer(HandshakeServer):
         self.pending_by_client: dict[str, int] = {}
         self._refresh_timer: Timer | None = None
         self._listen_mptcp = False
-        self._early_sent: dict[int, int] = {}  # session id -> client bytes sent in the upstream SYN
         # Per-connection conversions remembered (pure functions of their key):
         # accept()'s address text -> client address; (id of a Connect address,
         # port) -> (the address, family, sockaddr for connect(), target for the
@@ -380,16 +379,9 @@ class ConvertServer(HandshakeServer):
         self.hand_to_relay(p)
         rest = p.handshake.early_data
         if result.early_sent:
-            rest = rest[result.early_sent:]
-            # Already delivered upstream (TFO): they count in bytes_up like relayed ones.
-            self._early_sent[p.session.id] = result.early_sent
+            rest = rest[result.early_sent:]   # already delivered upstream in the SYN (TFO)
         self.start_relay(p.sock, result, p.session, initial_to_upstream=rest,
-                         reply=action.reply)
-
-    def relay_closed(self, relay) -> None:  # type: ignore[no-untyped-def]
-        if self._early_sent:
-            relay.ab.bytes += self._early_sent.pop(relay.meta.id, 0)
-        super().relay_closed(relay)
+                         reply=action.reply, sent_up=result.early_sent)
 
     def _reply_and_close(self, p: _Pending, reply: bytes,
                          action: ReplyAndClose | CloseQuietly) -> None:
