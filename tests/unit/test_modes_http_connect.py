@@ -17,9 +17,10 @@ from mptcp_proxy.modes.app_proxy import (
     HTTP_CONNECT, SOCKS5, AppHandshake, Refusal, error_reason, http_status, socks_reply,
 )
 from mptcp_proxy.modes.http_connect import (
-    MAX_HEADER_BYTES, HttpConnectError, HttpConnectHandshake, HttpConnectRequest,
+    MAX_HEADER_BYTES, HttpConnectError, HttpConnectHandshake,
     parse_authority, response,
 )
+from mptcp_proxy.modes.request import ConnectRequest
 from mptcp_proxy.modes.socks5 import Socks5Reply
 
 OK = b"CONNECT 10.0.0.2:443 HTTP/1.1\r\nHost: 10.0.0.2:443\r\n\r\n"
@@ -49,7 +50,7 @@ def test_connect(trickle, line, host, port):
     hs = HttpConnectHandshake()
     out, request = run(hs, line + b"\r\nHost: x\r\nUser-Agent: t\r\n\r\n", trickle)
     assert out == b""
-    assert request == HttpConnectRequest(host, port)
+    assert request == ConnectRequest(host, port)
     assert hs.leftover == b""
     assert hs.success() == b"HTTP/1.1 200 Connection established\r\n\r\n"
 
@@ -57,7 +58,7 @@ def test_connect(trickle, line, host, port):
 def test_bare_lf_line_ends_and_leading_empty_line():
     hs = HttpConnectHandshake()
     _, request = run(hs, b"\r\nCONNECT a.example:1 HTTP/1.1\nHost: a\n\n")
-    assert request == HttpConnectRequest("a.example", 1)
+    assert request == ConnectRequest("a.example", 1)
 
 
 def test_tunnel_bytes_before_the_200_are_kept():
@@ -172,7 +173,7 @@ def test_any_split_gives_the_same_request(cuts):
         i += cut
     _, req = hs.feed(data[i:])
     request = request or req
-    assert request == HttpConnectRequest("h.example", 8080)
+    assert request == ConnectRequest("h.example", 8080)
     assert hs.leftover == b"tunnel"
 
 
@@ -291,7 +292,7 @@ def test_valid_hostname(name, ok):
 
 def test_lf_line_then_crlf_blank_line_ends_the_head():
     _, request = run(HttpConnectHandshake(), b"CONNECT a.example:1 HTTP/1.1\nHost: a\n\r\nrest")
-    assert request == HttpConnectRequest("a.example", 1)
+    assert request == ConnectRequest("a.example", 1)
 
 
 def test_passwords_keep_their_spaces():

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mptcp_proxy.modes.request import ConnectRequest
 from mptcp_proxy.modes.socks5 import (
-    Socks5Error, Socks5Handshake, Socks5Reply, Socks5Request, reply_bytes,
+    Socks5Error, Socks5Handshake, Socks5Reply, reply_bytes,
 )
 
 GREETING = bytes.fromhex("050100")
@@ -38,7 +39,7 @@ def test_connect_no_auth(trickle, req, host, port):
     hs = Socks5Handshake()
     out, request = run(hs, GREETING + req, trickle)
     assert out == bytes.fromhex("0500")
-    assert request == Socks5Request(host, port)
+    assert request == ConnectRequest(host, port)
     assert hs.success(("10.0.0.1", 40000)) == bytes.fromhex("05000001 0a000001 9c40")
 
 
@@ -140,7 +141,7 @@ def test_any_split_gives_the_same_result(sizes):
         sent, req = hs.feed(chunk)
         out += sent
         request = request or req
-    assert out == bytes.fromhex("0500") and request == Socks5Request("example.org", 80)
+    assert out == bytes.fromhex("0500") and request == ConnectRequest("example.org", 80)
     assert hs.leftover == b"payload"
 
 

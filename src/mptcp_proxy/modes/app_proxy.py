@@ -12,10 +12,9 @@ both handshakes.
 from __future__ import annotations
 
 import enum
-import ipaddress
-from dataclasses import dataclass
 
 from mptcp_proxy.errors import ProtocolError
+from mptcp_proxy.modes.request import ConnectRequest
 from mptcp_proxy.modes.http_connect import HttpConnectError, HttpConnectHandshake
 from mptcp_proxy.modes.socks5 import Authenticator, Socks5Error, Socks5Handshake, Socks5Reply
 
@@ -75,19 +74,6 @@ def http_status(refusal: Refusal) -> int:
     return _HTTP_STATUS[refusal]
 
 
-@dataclass(frozen=True)
-class AppRequest:
-    """A CONNECT request of either protocol."""
-
-    host: ipaddress.IPv4Address | ipaddress.IPv6Address | str
-    port: int
-    username: str | None
-
-    @property
-    def is_domain(self) -> bool:
-        return isinstance(self.host, str)
-
-
 class AppHandshake:
     """One server-side handshake of ``protocol``, behind one interface.
 
@@ -105,11 +91,8 @@ class AppHandshake:
             raise ValueError(f"unknown protocol {protocol!r}")
         self.protocol = protocol
 
-    def feed(self, data: bytes) -> tuple[bytes, AppRequest | None]:
-        out, request = self._hs.feed(data)
-        if request is None:
-            return out, None
-        return out, AppRequest(request.host, request.port, request.username)
+    def feed(self, data: bytes) -> tuple[bytes, ConnectRequest | None]:
+        return self._hs.feed(data)
 
     @property
     def leftover(self) -> bytes:
@@ -143,6 +126,6 @@ def error_reason(protocol: str, exc: ProtocolError) -> str:
 HandshakeError = (Socks5Error, HttpConnectError)
 
 __all__ = [
-    "HTTP_CONNECT", "PROTOCOLS", "SOCKS5", "AppHandshake", "AppRequest", "HandshakeError",
+    "HTTP_CONNECT", "PROTOCOLS", "SOCKS5", "AppHandshake", "HandshakeError",
     "Refusal", "error_reason", "http_status", "socks_reply",
 ]

@@ -23,11 +23,11 @@ import base64
 import binascii
 import ipaddress
 import re
-from dataclasses import dataclass
 from typing import Callable
 
 from mptcp_proxy.errors import ProtocolError
 from mptcp_proxy.modes.policy import valid_hostname
+from mptcp_proxy.modes.request import ConnectRequest
 
 MAX_HEADER_BYTES = 8192        # request line + headers + blank line
 MAX_HEADERS = 100
@@ -58,19 +58,6 @@ class HttpConnectError(ProtocolError):
     def __init__(self, message: str, reply: bytes, code: int) -> None:
         super().__init__(message, code)
         self.reply = reply
-
-
-@dataclass(frozen=True)
-class HttpConnectRequest:
-    """A CONNECT request. ``host`` is an address object or a domain name."""
-
-    host: ipaddress.IPv4Address | ipaddress.IPv6Address | str
-    port: int
-    username: str | None = None
-
-    @property
-    def is_domain(self) -> bool:
-        return isinstance(self.host, str)
 
 
 Authenticator = Callable[[str, str], bool]
@@ -132,14 +119,14 @@ class HttpConnectHandshake:
         self._buf = bytearray()
         self._done = False
         self._failed = False
-        self.request: HttpConnectRequest | None = None
+        self.request: ConnectRequest | None = None
         self.leftover = b""
 
     @property
     def done(self) -> bool:
         return self._done
 
-    def feed(self, data: bytes) -> tuple[bytes, HttpConnectRequest | None]:
+    def feed(self, data: bytes) -> tuple[bytes, ConnectRequest | None]:
         """Consume bytes; return (bytes to send now, the request once complete).
 
         Nothing is ever sent before the request is complete; the tuple keeps
@@ -180,7 +167,7 @@ class HttpConnectHandshake:
         self._failed = True
         raise HttpConnectError(message, response(status, extra), status)
 
-    def _parse(self, head: bytes) -> HttpConnectRequest:
+    def _parse(self, head: bytes) -> ConnectRequest:
         lines = [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
         # RFC 9112 §2.2: ignore at least one empty line before the request line.
         while lines and not lines[0]:
@@ -212,7 +199,7 @@ class HttpConnectHandshake:
         if "transfer-encoding" in headers:
             self._fail(400, "CONNECT with Transfer-Encoding")
         username = self._authenticate(headers.get("proxy-authorization"))
-        return HttpConnectRequest(host, port, username)  # type: ignore[possibly-undefined]
+        return ConnectRequest(host, port, username)  # type: ignore[possibly-undefined]
 
     def _headers(self, lines: list[bytes]) -> dict[str, str]:
         if len(lines) > MAX_HEADERS:
@@ -264,6 +251,6 @@ def _header_end(buf: bytearray) -> tuple[int, int]:
 
 
 __all__ = [
-    "HttpConnectError", "HttpConnectHandshake", "HttpConnectRequest", "MAX_HEADER_BYTES",
+    "HttpConnectError", "HttpConnectHandshake", "MAX_HEADER_BYTES",
     "parse_authority", "response",
 ]

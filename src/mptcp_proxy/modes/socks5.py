@@ -1,7 +1,7 @@
 """SOCKS5 server handshake (RFC 1928) with username/password (RFC 1929), sans-IO.
 
 Bytes in, decisions out: :meth:`Socks5Handshake.feed` returns what to send and,
-once the request is complete, a :class:`Socks5Request`. The caller connects and
+once the request is complete, a :class:`ConnectRequest`. The caller connects and
 then asks for the final reply with :meth:`success` or :meth:`failure`. No
 sockets, no clock: the one handshake deadline belongs to the caller.
 
@@ -17,11 +17,11 @@ from __future__ import annotations
 import enum
 import ipaddress
 import struct
-from dataclasses import dataclass
 from typing import Callable
 
 from mptcp_proxy.errors import ProtocolError
 from mptcp_proxy.modes.policy import valid_hostname
+from mptcp_proxy.modes.request import ConnectRequest
 
 SOCKS_VERSION = 5
 AUTH_VERSION = 1  # RFC 1929 sub-negotiation version
@@ -71,19 +71,6 @@ class Socks5Error(ProtocolError):
         """Where it failed: ``greeting``, ``auth`` or ``request`` ("" if unknown)."""
 
 
-@dataclass(frozen=True)
-class Socks5Request:
-    """A CONNECT request. ``host`` is an address object or a domain name."""
-
-    host: ipaddress.IPv4Address | ipaddress.IPv6Address | str
-    port: int
-    username: str | None = None
-
-    @property
-    def is_domain(self) -> bool:
-        return isinstance(self.host, str)
-
-
 class _State(enum.Enum):
     GREETING = "greeting"
     AUTH = "auth"
@@ -117,7 +104,7 @@ class Socks5Handshake:
         self._buf = bytearray()
         self._state = _State.GREETING
         self._username: str | None = None
-        self.request: Socks5Request | None = None
+        self.request: ConnectRequest | None = None
         self.leftover = b""
 
     @property
@@ -128,7 +115,7 @@ class Socks5Handshake:
     def done(self) -> bool:
         return self._state in (_State.CONNECTING, _State.DONE)
 
-    def feed(self, data: bytes) -> tuple[bytes, Socks5Request | None]:
+    def feed(self, data: bytes) -> tuple[bytes, ConnectRequest | None]:
         """Consume bytes; return (bytes to send now, the request once complete)."""
         if self._state in (_State.CONNECTING, _State.DONE):
             self.leftover += data  # pipelined before our reply: relayed afterwards
@@ -265,7 +252,7 @@ class Socks5Handshake:
                 self._refuse(Socks5Reply.GENERAL_FAILURE, "not a valid host name")
         if port == 0:
             self._refuse(Socks5Reply.NOT_ALLOWED, "port 0")
-        self.request = Socks5Request(host, port, self._username)
+        self.request = ConnectRequest(host, port, self._username)
         self._state = _State.CONNECTING
         return True
 

@@ -36,8 +36,9 @@ from mptcp_proxy.dataplane.reactor import EPOLLIN, Reactor, Timer
 from mptcp_proxy.dataplane.resolve import AsyncResolver, Lookup, Resolver, ResolverBusy
 from mptcp_proxy.errors import UpstreamError
 from mptcp_proxy.modes.app_proxy import (
-    AppHandshake, AppRequest, HandshakeError, Refusal, error_reason,
+    AppHandshake, HandshakeError, Refusal, error_reason,
 )
+from mptcp_proxy.modes.request import ConnectRequest
 from mptcp_proxy.modes.policy import (
     ClientPolicy, IPAddress, TargetPolicy, normalize, parse_address,
 )
@@ -65,7 +66,7 @@ class _Conn(Handshaking):
         self.client = client
         self.lookup: Lookup | None = None
         self.connect: PendingConnect | None = None
-        self.request: AppRequest | None = None
+        self.request: ConnectRequest | None = None
         self.alternatives: list[IPAddress] = []   # a name's other allowed addresses
 
 
@@ -195,7 +196,7 @@ class AppProxyServer(HandshakeServer):
             self._refuse(conn, Refusal.TIMEOUT, "resolve-timeout")
 
     # -- deciding and connecting ---------------------------------------------------
-    def _requested(self, conn: _Conn, request: AppRequest) -> None:
+    def _requested(self, conn: _Conn, request: ConnectRequest) -> None:
         conn.request = request
         # Stop reading: bytes behind the request wait in the socket for the relay.
         self.reactor.set_mask(conn.fd, 0)
