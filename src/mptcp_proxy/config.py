@@ -13,6 +13,7 @@ import socket
 from dataclasses import dataclass, field
 
 from mptcp_proxy.errors import ConfigError
+from mptcp_proxy.modes.policy import DEFAULT_CLIENT_NETWORKS, IPNetwork, parse_networks
 
 
 class UpstreamMode(enum.Enum):
@@ -140,6 +141,35 @@ class ServerSettings:
             raise ConfigError("--drain-timeout", "must be >= 0")
         if self.tcp_only_ttl < 0:
             raise ConfigError("--tcp-only-ttl", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExplicitProxySettings(ServerSettings):
+    """What the modes whose clients name their target share (convert, socks5,
+    http-connect): who may ask, where to, and how long the asking may take."""
+
+    allow_clients: tuple[IPNetwork, ...] = field(
+        default_factory=lambda: parse_networks(DEFAULT_CLIENT_NETWORKS, "--allow"))
+    """Client source networks served; others are refused in the protocol's
+    terms. Default: loopback, RFC 1918, RFC 6598 shared and ULA sources (a
+    managed network, never the whole Internet)."""
+    allow_targets: tuple[IPNetwork, ...] = ()
+    """Special-use target ranges (private, CGN, ULA, ...) that may be connected to."""
+    deny_targets: tuple[IPNetwork, ...] = ()
+    """Target ranges always refused."""
+    handshake_timeout: float = 10.0
+    """Seconds from accept to a complete request (one deadline, not per read)."""
+    max_pending_per_client: int = 64
+    """Open handshakes per client address; above, refused."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.allow_clients:
+            raise ConfigError("--allow", "no client network allowed: nobody could connect")
+        if self.handshake_timeout <= 0:
+            raise ConfigError("--handshake-timeout", "must be > 0")
+        if self.max_pending_per_client < 1:
+            raise ConfigError("--max-pending-per-client", "must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,9 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from mptcp_proxy.config import Endpoint, ServerSettings
+from mptcp_proxy.config import Endpoint, ExplicitProxySettings
 from mptcp_proxy.errors import ConfigError
 from mptcp_proxy.modes.app_proxy import PROTOCOLS
-from mptcp_proxy.modes.policy import DEFAULT_CLIENT_NETWORKS, IPNetwork, parse_networks
 from mptcp_proxy.modes.transparent import PortSet
 
 MAX_AUTH_FILE = 1 << 20
@@ -73,36 +72,21 @@ class Credentials:
 
 
 @dataclass(frozen=True)
-class AppProxyConfig(ServerSettings):
-    """``mptcp-proxy socks5`` / ``mptcp-proxy http-connect``: explicit proxies over MPTCP."""
+class AppProxyConfig(ExplicitProxySettings):
+    """``mptcp-proxy socks5`` / ``mptcp-proxy http-connect``: explicit proxies over
+    MPTCP. Refused clients and targets get REP 2 / 403; over
+    ``max_pending_per_client`` the connection is closed before the handshake."""
 
     protocol: str
     """``socks5`` or ``http-connect``."""
     listen: Endpoint
     """Address the MPTCP listener binds to (plain-TCP clients are served too)."""
-    allow_clients: tuple[IPNetwork, ...] = field(
-        default_factory=lambda: parse_networks(DEFAULT_CLIENT_NETWORKS, "--allow"))
-    """Client source networks served; others are refused (SOCKS 2, HTTP 403)."""
-    allow_targets: tuple[IPNetwork, ...] = ()
-    """Special-use target ranges (private, CGN, ULA, ...) that may be connected to."""
-    deny_targets: tuple[IPNetwork, ...] = ()
-    """Target ranges always refused."""
     allow_ports: PortSet = field(default_factory=PortSet)
     """Target ports served (empty: every port)."""
     credentials: Credentials | None = None
     """With credentials, clients must authenticate (SOCKS5 RFC 1929, HTTP Basic)."""
-    handshake_timeout: float = 10.0
-    """Seconds from accept to a complete request (one deadline, not per read)."""
-    max_pending_per_client: int = 64
-    """Open handshakes per client address; above: closed at once."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.protocol not in PROTOCOLS:
             raise ConfigError("protocol", f"one of {', '.join(PROTOCOLS)}, not {self.protocol!r}")
-        if not self.allow_clients:
-            raise ConfigError("--allow", "no client network allowed: nobody could connect")
-        if self.handshake_timeout <= 0:
-            raise ConfigError("--handshake-timeout", "must be > 0")
-        if self.max_pending_per_client < 1:
-            raise ConfigError("--max-pending-per-client", "must be >= 1")

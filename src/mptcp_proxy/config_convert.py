@@ -11,33 +11,22 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from mptcp_proxy.config import Endpoint, ServerSettings
+from mptcp_proxy.config import Endpoint, ExplicitProxySettings
 from mptcp_proxy.errors import ConfigError
 from mptcp_proxy.modes.convert import (
     DEFAULT_COOKIE_WINDOW_S, DEFAULT_NETWORK_RETRY_S, MIN_COOKIE_SECRET_LEN,
-)
-from mptcp_proxy.modes.policy import (
-    DEFAULT_CLIENT_NETWORKS, IPNetwork, parse_networks,
 )
 
 MAX_COOKIE_SECRET_FILE = 4096
 
 
 @dataclass(frozen=True)
-class ConvertConfig(ServerSettings):
-    """``mptcp-proxy convert``: an RFC 8803 Transport Converter."""
+class ConvertConfig(ExplicitProxySettings):
+    """``mptcp-proxy convert``: an RFC 8803 Transport Converter. Refused clients
+    and targets get Error 32; over ``max_pending_per_client``, Error 64."""
 
     listen: Endpoint
     """Address the MPTCP (TCP Fast Open) listener binds to."""
-    allow_clients: tuple[IPNetwork, ...] = field(
-        default_factory=lambda: parse_networks(DEFAULT_CLIENT_NETWORKS, "--allow"))
-    """Client source networks served; others get Error 32. Default: loopback,
-    RFC 1918, RFC 6598 shared and ULA sources (a managed network, never the
-    whole Internet)."""
-    allow_targets: tuple[IPNetwork, ...] = ()
-    """Special-use target ranges (private, CGN, ULA, ...) that may be connected to."""
-    deny_targets: tuple[IPNetwork, ...] = ()
-    """Target ranges always refused (Error 32)."""
     cookie_secret: bytes | None = field(default=None, repr=False)
     """With a secret, every Connect needs a Cookie TLV (missing: Error 3 with a
     fresh cookie; invalid: Error 32)."""
@@ -53,14 +42,10 @@ class ConvertConfig(ServerSettings):
     carry requests."""
     upstream_tfo: bool = True
     """Offer the client's first application bytes to the server's SYN (TFO)."""
-    handshake_timeout: float = 10.0
-    """Seconds from accept to a complete Convert message (one deadline)."""
     error_rate: float = 10.0
     """Error replies per second per client address (token bucket)."""
     error_burst: int = 20
     """Error replies a client may get in a burst; over the rate: close, no reply."""
-    max_pending_per_client: int = 64
-    """Open handshakes per client address; above: Error 64."""
     network_retry: int = DEFAULT_NETWORK_RETRY_S
     """Retry delay (s) suggested with Network Failure (65)."""
     manage_sysctls: bool = True
@@ -68,8 +53,6 @@ class ConvertConfig(ServerSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.allow_clients:
-            raise ConfigError("--allow", "no client network allowed: nobody could connect")
         if self.cookie_secret is not None and len(self.cookie_secret) < MIN_COOKIE_SECRET_LEN:
             raise ConfigError("--cookie-secret",
                               f"secret must have at least {MIN_COOKIE_SECRET_LEN} bytes")
@@ -77,14 +60,10 @@ class ConvertConfig(ServerSettings):
             raise ConfigError("--cookie-window", "must be >= 1 second")
         if not 0 <= self.tfo_queue <= 1 << 20:
             raise ConfigError("--tfo-queue", "must be between 0 and 1048576")
-        if self.handshake_timeout <= 0:
-            raise ConfigError("--handshake-timeout", "must be > 0")
         if self.error_rate <= 0:
             raise ConfigError("--error-rate", "must be > 0")
         if self.error_burst < 1:
             raise ConfigError("--error-burst", "must be >= 1")
-        if self.max_pending_per_client < 1:
-            raise ConfigError("--max-pending-per-client", "must be >= 1")
         if not 0 <= self.network_retry <= 255:
             raise ConfigError("--network-retry", "must be between 0 and 255 seconds")
 

@@ -34,17 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(protocol, help=summary, description=description)
         p.add_argument("--listen", required=True, metavar="ADDR:PORT",
                        help="address to listen on, e.g. 0.0.0.0:1080 or [::]:1080")
-        add_policy_options(p)
+        add_policy_options(p, over_limit="closed at once")
         p.add_argument("--allow-port", default="all", metavar="PORTS",
                        help="target ports served: all, or a list like 443,8000-8100 "
                             "(default all)")
         p.add_argument("--auth", metavar="FILE",
                        help="require authentication; FILE holds user:password lines "
                             "(mode 600)")
-        p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
-                       help="deadline from accept to a complete request (default 10)")
-        p.add_argument("--max-pending-per-client", type=int, default=64, metavar="N",
-                       help="open handshakes per client address (default 64)")
         add_upstream_options(p)
         add_relay_options(p)
         p.set_defaults(func=run, protocol=protocol)
@@ -57,8 +53,6 @@ def config_from_args(args: argparse.Namespace) -> AppProxyConfig:
         **policy_settings(args),
         allow_ports=PortSet.parse(args.allow_port, "--allow-port"),
         credentials=Credentials.load(args.auth) if args.auth else None,
-        handshake_timeout=args.handshake_timeout,
-        max_pending_per_client=args.max_pending_per_client,
         **server_settings(args),
     )
 

@@ -29,8 +29,10 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
                        help="worker processes sharing the port with SO_REUSEPORT (default 1)")
 
 
-def add_policy_options(parser: argparse.ArgumentParser, peer: str = "proxy") -> None:
-    """``--allow``, ``--allow-target``, ``--deny-target``: the explicit proxies' policy."""
+def add_policy_options(parser: argparse.ArgumentParser, peer: str = "proxy",
+                       request: str = "request", over_limit: str = "") -> None:
+    """The options of :class:`~mptcp_proxy.config.ExplicitProxySettings`: policy
+    (``--allow``, ``--allow-target``, ``--deny-target``) and handshake limits."""
     from mptcp_proxy.modes.policy import DEFAULT_CLIENT_NETWORKS
 
     parser.add_argument("--allow", action="append", metavar="CIDR",
@@ -42,6 +44,11 @@ def add_policy_options(parser: argparse.ArgumentParser, peer: str = "proxy") -> 
                              f"broadcast and the {peer}'s own addresses are always refused")
     parser.add_argument("--deny-target", action="append", default=[], metavar="CIDR",
                         help="target range to refuse (repeatable)")
+    parser.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help=f"deadline from accept to a complete {request} (default 10)")
+    parser.add_argument("--max-pending-per-client", type=int, default=64, metavar="N",
+                        help="open handshakes per client address"
+                             + (f"; above: {over_limit}" if over_limit else "") + " (default 64)")
 
 
 def policy_settings(args: argparse.Namespace) -> dict:
@@ -52,6 +59,8 @@ def policy_settings(args: argparse.Namespace) -> dict:
         "allow_clients": parse_networks(args.allow or DEFAULT_CLIENT_NETWORKS, "--allow"),
         "allow_targets": parse_networks(args.allow_target, "--allow-target"),
         "deny_targets": parse_networks(args.deny_target, "--deny-target"),
+        "handshake_timeout": args.handshake_timeout,
+        "max_pending_per_client": args.max_pending_per_client,
     }
 
 

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "connect to the requested server (MPTCP first) and relay.")
     p.add_argument("--listen", required=True, metavar="ADDR:PORT",
                    help="address to listen on, e.g. 0.0.0.0:5124 or [::]:5124")
-    add_policy_options(p, "converter")
+    add_policy_options(p, "converter", request="Convert message", over_limit="Error 64")
     p.add_argument("--cookie-secret", metavar="FILE",
                    help="require a Cookie TLV with every Connect, keyed by the secret "
                         "in FILE (>= 16 bytes, mode 600)")
@@ -38,15 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "connection if it sets TCP_FASTOPEN_NO_COOKIE; spoofable)")
     p.add_argument("--no-upstream-tfo", action="store_true",
                    help="do not offer the client's first bytes to the server's SYN")
-    p.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="deadline from accept to a complete Convert message (default 10)")
     p.add_argument("--error-rate", type=float, default=10.0, metavar="PER_SECOND",
                    help="error replies per second per client; above: close silently "
                         "(default 10)")
     p.add_argument("--error-burst", type=int, default=20, metavar="N",
                    help="error replies a client may get in a burst (default 20)")
-    p.add_argument("--max-pending-per-client", type=int, default=64, metavar="N",
-                   help="open handshakes per client address; above: Error 64 (default 64)")
     p.add_argument("--no-sysctl", action="store_true",
                    help="do not touch net.ipv4.tcp_fastopen (set it yourself: 3)")
     add_upstream_options(p, "server")
@@ -64,10 +60,8 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
         tfo_queue=args.tfo_queue,
         tfo_no_cookie=args.tfo_no_cookie,
         upstream_tfo=not args.no_upstream_tfo,
-        handshake_timeout=args.handshake_timeout,
         error_rate=args.error_rate,
         error_burst=args.error_burst,
-        max_pending_per_client=args.max_pending_per_client,
         manage_sysctls=not args.no_sysctl,
         **server_settings(args),
     )
