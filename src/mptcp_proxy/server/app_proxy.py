@@ -32,7 +32,7 @@ from mptcp_proxy.config_app_proxy import AppProxyConfig
 from mptcp_proxy.dataplane.connect import (
     REFUSED, RESOURCES, TIMEOUT, UNREACHABLE, ConnectResult, Connector, PendingConnect,
 )
-from mptcp_proxy.dataplane.reactor import EPOLLIN, Reactor, Timer
+from mptcp_proxy.dataplane.reactor import EPOLLIN, Reactor
 from mptcp_proxy.dataplane.resolve import AsyncResolver, Lookup, Resolver, ResolverBusy
 from mptcp_proxy.errors import UpstreamError
 from mptcp_proxy.modes.app_proxy import (
@@ -44,12 +44,10 @@ from mptcp_proxy.modes.policy import (
 )
 from mptcp_proxy.server.base import Session, client_error_reason, format_addr, open_listener
 from mptcp_proxy.server.handshake import CLOSING, HandshakeServer, Handshaking
-from mptcp_proxy.server.convert import local_addresses
 
 log = logging.getLogger("mptcp_proxy.app_proxy")
 
 READ_SIZE = 4096
-ADDRESS_REFRESH = 30.0        # seconds between re-reads of the proxy's own addresses
 
 _HANDSHAKE, _RESOLVING, _CONNECTING = "handshake", "resolving", "connecting"
 
@@ -87,37 +85,17 @@ class AppProxyServer(HandshakeServer):
         self.targets = TargetPolicy(config.allow_targets, config.deny_targets)
         self.authenticator: Callable[[str, str], bool] | None = \
             config.credentials.check if config.credentials is not None else None
-        self._refresh_timer: Timer | None = None
 
     # -- lifecycle ------------------------------------------------------------
     def start(self, reuseport: bool = False) -> "AppProxyServer":
         """Open the listener and read the proxy's own addresses (this thread's netns)."""
         self.add_listener(open_listener(self.config.listen, backlog=self.config.backlog,
                                         reuseport=reuseport))
-        self._refresh_addresses()
+        self.refresh_own_addresses()
         return self
 
-    def _refresh_addresses(self) -> None:
-        """A target that is one of our own addresses would loop back into us."""
-        self._refresh_timer = None
-        if self._draining:
-            return
-        try:
-            own, broadcast = local_addresses()
-            for sockname in self.listen_addresses():
-                address = normalize(parse_address(sockname[0]))
-                if not address.is_unspecified:
-                    own.add(address)
-            self.targets = self.targets.with_local(own, broadcast)
-        except OSError as exc:
-            log.warning("could not re-read local addresses: %s", exc)
-        self._refresh_timer = self.reactor.call_later(ADDRESS_REFRESH, self._refresh_addresses)
-
-    def abort_pending(self) -> None:
-        super().abort_pending()
-        if self._refresh_timer is not None:
-            self._refresh_timer.cancel()
-            self._refresh_timer = None
+    def own_addresses_changed(self, own, broadcast) -> None:  # type: ignore[no-untyped-def]
+        self.targets = self.targets.with_local(own, broadcast)
 
     def _close_everything(self) -> None:
         self.resolver.close()

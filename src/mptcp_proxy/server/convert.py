@@ -26,20 +26,18 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import ipaddress
 import logging
 import socket
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 from mptcp_proxy.config_convert import ConvertConfig
 from mptcp_proxy.dataplane.connect import (
     REFUSED, RESOURCES, TIMEOUT, UNREACHABLE, ConnectResult, Connector, PendingConnect,
 )
 from mptcp_proxy.dataplane.establish import TCP_SYN_RECV, EstablishWatcher
-from mptcp_proxy.dataplane.reactor import EPOLLIN, Reactor, Timer
+from mptcp_proxy.dataplane.reactor import EPOLLIN, Reactor
 from mptcp_proxy.errors import KernelError, UpstreamError
 from mptcp_proxy.kernel.sysctl import SharedSysctlBits, read_sysctl
 from mptcp_proxy.modes.convert import (
@@ -65,9 +63,7 @@ TFO_SERVER_ENABLE = 0x2
 TFO_SERVER_COOKIE_NOT_REQD = 0x200
 
 READ_SIZE = 4096              # one read holds a whole Convert message (<= 1020 bytes)
-ADDRESS_REFRESH = 30.0        # seconds between re-reads of the proxy's own addresses
 MEMO_SIZE = 4096              # entries of each address memo (cleared when full)
-THREAD_PROC_NET = Path("/proc/thread-self/net")  # this thread's namespace, not the process's
 
 # errno of a failed connect -> ICMP code of Destination Unreachable (RFC 792),
 # for Error 97 (RFC 8803 §4.2.8). Linux folds several ICMP codes into one errno.
@@ -133,7 +129,6 @@ class ConvertServer(HandshakeServer):
         # Open handshakes per client address, keyed by accept()'s spelling of it
         # (one listener: one spelling per address; a str hashes in C).
         self.pending_by_client: dict[str, int] = {}
-        self._refresh_timer: Timer | None = None
         self._listen_mptcp = False
         # Per-connection conversions remembered (pure functions of their key):
         # accept()'s address text -> client address; (id of a Connect address,
@@ -161,7 +156,7 @@ class ConvertServer(HandshakeServer):
         except BaseException:
             self.restore_kernel()
             raise
-        self._refresh_timer = self.reactor.call_later(ADDRESS_REFRESH, self._refresh_addresses)
+        self.refresh_own_addresses()
         return self
 
     def serve_forever(self, install_signals: bool = True) -> None:
@@ -216,7 +211,8 @@ class ConvertServer(HandshakeServer):
         if config.cookie_secret is not None:
             cookies = CookieAuthority(config.cookie_secret, config.cookie_window)
         return ConvertSettings(
-            targets=self._target_policy(),
+            # The proxy's own addresses: refresh_own_addresses(), right after.
+            targets=TargetPolicy(config.allow_targets, config.deny_targets),
             clients=ClientPolicy(config.allow_clients),
             cookies=cookies,
             supported_kinds=supported_kinds(mptcp=self._listen_mptcp,
@@ -225,25 +221,10 @@ class ConvertServer(HandshakeServer):
             network_retry_s=config.network_retry,
         )
 
-    def _target_policy(self) -> TargetPolicy:
-        own, broadcast = local_addresses()
-        for sockname in self.listen_addresses():
-            address = normalize(parse_address(sockname[0]))
-            if not address.is_unspecified:
-                own.add(address)
-        return TargetPolicy(self.config.allow_targets, self.config.deny_targets,
-                            frozenset(own), frozenset(broadcast))
-
-    def _refresh_addresses(self) -> None:
-        """Addresses come and go (DHCP, path changes): re-read them now and then."""
-        self._refresh_timer = None
-        if self._draining:
-            return
-        try:
-            self.settings = dataclasses.replace(self.settings, targets=self._target_policy())
-        except OSError as exc:
-            log.warning("could not re-read local addresses: %s", exc)
-        self._refresh_timer = self.reactor.call_later(ADDRESS_REFRESH, self._refresh_addresses)
+    def own_addresses_changed(self, own, broadcast) -> None:  # type: ignore[no-untyped-def]
+        # A new settings object: its policy memos start empty.
+        self.settings = dataclasses.replace(
+            self.settings, targets=self.settings.targets.with_local(own, broadcast))
 
     # -- accept and read ------------------------------------------------------------
     def handle_accept(self, sock: socket.socket, addr: tuple, session: Session) -> None:
@@ -409,9 +390,6 @@ class ConvertServer(HandshakeServer):
     def abort_pending(self) -> None:
         super().abort_pending()
         self.establish.close()
-        if self._refresh_timer is not None:
-            self._refresh_timer.cancel()
-            self._refresh_timer = None
 
 
 # --------------------------------------------------------------------------
@@ -508,51 +486,3 @@ def supported_kinds(*, mptcp: bool, tfo: bool) -> tuple[int, ...]:
     if tfo:
         kinds.append(int(TcpOptionKind.FAST_OPEN))
     return tuple(kinds)
-
-
-def parse_fib_trie(text: str) -> tuple[set[IPAddress], set[IPAddress]]:
-    """(local, broadcast) IPv4 addresses from /proc/net/fib_trie."""
-    local: set[IPAddress] = set()
-    broadcast: set[IPAddress] = set()
-    leaf: str | None = None
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("|--"):
-            leaf = stripped[3:].strip()
-        elif stripped.startswith("/") and leaf is not None:
-            kind = stripped.split()[-1]
-            try:
-                address = ipaddress.IPv4Address(leaf)
-            except ValueError:
-                continue
-            if kind == "LOCAL":
-                local.add(address)
-            elif kind == "BROADCAST":
-                broadcast.add(address)
-    return local, broadcast
-
-
-def parse_if_inet6(text: str) -> set[IPAddress]:
-    """IPv6 addresses from /proc/net/if_inet6 (32 hex digits first on each line)."""
-    found: set[IPAddress] = set()
-    for line in text.splitlines():
-        fields = line.split()
-        if fields and len(fields[0]) == 32:
-            try:
-                found.add(ipaddress.IPv6Address(int(fields[0], 16)))
-            except ValueError:
-                continue
-    return found
-
-
-def local_addresses() -> tuple[set[IPAddress], set[IPAddress]]:
-    """(own addresses, directed broadcast addresses) of this thread's network namespace."""
-    try:
-        local, broadcast = parse_fib_trie((THREAD_PROC_NET / "fib_trie").read_text())
-    except OSError:
-        local, broadcast = set(), set()
-    try:
-        local |= parse_if_inet6((THREAD_PROC_NET / "if_inet6").read_text())
-    except OSError:
-        pass  # IPv6 disabled
-    return local, broadcast

@@ -14,14 +14,20 @@ started (an upstream connect, a name lookup).
 
 from __future__ import annotations
 
+import logging
 import socket
 
 from mptcp_proxy.dataplane.reactor import EPOLLIN, EPOLLOUT, Timer
+from mptcp_proxy.modes.policy import IPAddress, normalize, parse_address
+from mptcp_proxy.observe.addresses import local_addresses
 from mptcp_proxy.server.base import ProxyServer, Session, client_error_reason, drain_until_eof
 
+ADDRESS_REFRESH = 30.0        # seconds between re-reads of the proxy's own addresses
 CLOSE_LINGER = 2.0            # seconds to wait for the client's FIN after a reply
 DRAIN_READS = 16              # reads per event while draining a refused client
 READ_SIZE = 4096
+
+log = logging.getLogger("mptcp_proxy.server")
 
 CLOSING = "closing"
 DONE = "done"
@@ -56,6 +62,7 @@ class HandshakeServer(ProxyServer):
         super().__init__(*args, **kwargs)
         self.pending: dict[int, Handshaking] = {}
         self.pending_by_client: dict[object, int] = {}
+        self._refresh_timer: Timer | None = None
 
     # -- to be provided by modes ----------------------------------------------------
     def on_handshake_event(self, conn: Handshaking, events: int) -> None:
@@ -63,6 +70,30 @@ class HandshakeServer(ProxyServer):
 
     def cancel_work(self, conn: Handshaking) -> None:
         """Cancel what the mode started for ``conn`` (connects, lookups)."""
+
+    def own_addresses_changed(self, own: frozenset[IPAddress],
+                              broadcast: frozenset[IPAddress]) -> None:
+        """Give the mode's target policy a fresh view of the proxy's addresses."""
+        raise NotImplementedError
+
+    # -- the proxy's own addresses ------------------------------------------------------
+    def refresh_own_addresses(self) -> None:
+        """Read this namespace's addresses (and the listeners') now and every
+        ``ADDRESS_REFRESH`` seconds: they come and go (DHCP, path changes), and a
+        target that is one of them would loop back into the proxy."""
+        self._refresh_timer = None
+        if self._draining:
+            return
+        try:
+            own, broadcast = local_addresses()
+            for sockname in self.listen_addresses():
+                address = normalize(parse_address(sockname[0]))
+                if not address.is_unspecified:
+                    own.add(address)
+            self.own_addresses_changed(frozenset(own), frozenset(broadcast))
+        except OSError as exc:
+            log.warning("could not re-read local addresses: %s", exc)
+        self._refresh_timer = self.reactor.call_later(ADDRESS_REFRESH, self.refresh_own_addresses)
 
     # -- bookkeeping ------------------------------------------------------------------
     def track(self, conn: Handshaking) -> int:
@@ -182,3 +213,6 @@ class HandshakeServer(ProxyServer):
         super().abort_pending()
         for conn in list(self.pending.values()):
             self.abort(conn, "shutdown")
+        if self._refresh_timer is not None:
+            self._refresh_timer.cancel()
+            self._refresh_timer = None
