@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from mptcp_proxy.dataplane.establish import TCP_SYN_RECV, EstablishWatcher, tcp_state
+from mptcp_proxy.dataplane.establish import EstablishWatcher
+from mptcp_proxy.observe.sockinfo import TCP_SYN_RECV, tcp_state
 from mptcp_proxy.dataplane.reactor import Reactor
 from mptcp_proxy.lab import Lab, PathSpec
 

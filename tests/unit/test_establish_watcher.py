@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from mptcp_proxy.dataplane import establish
 from mptcp_proxy.dataplane.establish import EstablishWatcher
+from mptcp_proxy.observe.sockinfo import TCP_ESTABLISHED, TCP_SYN_RECV
+
+
+@pytest.fixture(autouse=True)
+def fake_tcp_state(monkeypatch):
+    """The watcher reads the state with observe.sockinfo.tcp_state (a getsockopt
+    on the fd); these sockets have none."""
+    monkeypatch.setattr(establish, "tcp_state", lambda sock: sock.read_state())
 
 
 class FakeReactor:
@@ -30,7 +40,7 @@ class FakeReactor:
 
 
 class FakeSock:
-    def __init__(self, fd: int, state: int = establish.TCP_SYN_RECV) -> None:
+    def __init__(self, fd: int, state: int = TCP_SYN_RECV) -> None:
         self.fd = fd
         self.state = state
         self.checks = 0
@@ -39,9 +49,9 @@ class FakeSock:
     def fileno(self) -> int:
         return self.fd
 
-    def getsockopt(self, level, name, size):
+    def read_state(self) -> int:
         self.checks += 1
-        return bytes([self.state])
+        return self.state
 
     def setsockopt(self, level, name, value):
         assert name == socket.TCP_NODELAY
@@ -63,7 +73,7 @@ def test_checks_per_tick_are_bounded_and_slow_down_after_the_fast_period():
     slow = sum(s.checks for s in socks) - fast
     # Intervals doubling to 50 ms: about 20-30 checks a socket per second, not 1000.
     assert slow <= 1000 * 40, slow
-    socks[7].state = establish.TCP_ESTABLISHED
+    socks[7].state = TCP_ESTABLISHED
     reactor.run_until(establish.FAST_FOR + 1.2)
     assert socks[7].pushes == 1 and watcher.pushed == 1
     reactor.run_until(establish.GIVE_UP + 1)
@@ -74,7 +84,7 @@ def test_checks_per_tick_are_bounded_and_slow_down_after_the_fast_period():
 def test_established_at_the_first_check_is_pushed_within_a_tick():
     reactor = FakeReactor()
     watcher = EstablishWatcher(reactor)  # type: ignore[arg-type]
-    s = FakeSock(5, establish.TCP_ESTABLISHED)
+    s = FakeSock(5, TCP_ESTABLISHED)
     watcher.add(s)  # type: ignore[arg-type]
     reactor.run_until(0.0011)
     assert s.pushes == 1 and len(watcher) == 0

@@ -24,21 +24,15 @@ import logging
 import socket
 
 from mptcp_proxy.dataplane.reactor import Reactor, Timer
+from mptcp_proxy.observe.sockinfo import TCP_SYN_RECV, SockInfoError, tcp_state
 
 log = logging.getLogger(__name__)
 
-TCP_ESTABLISHED = 1
-TCP_SYN_RECV = 3
 TICK = 0.001                 # seconds between checks: the added latency is at most this
 FAST_FOR = 0.2               # seconds of 1-tick checks (round trips up to 200 ms)
 SLOW_MAX = 0.05              # then the interval doubles up to this
 MAX_CHECKS_PER_TICK = 256    # a SYN flood with data must not turn the loop into a poller
 GIVE_UP = 30.0               # seconds: lost ACKs and SYN-ACK retransmits fit; spoofs do not
-
-
-def tcp_state(sock: socket.socket) -> int:
-    """``tcpi_state`` (first byte of TCP_INFO); for MPTCP, the connection's state."""
-    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
 
 
 class _Watched:
@@ -79,7 +73,7 @@ class EstablishWatcher:
         try:
             if tcp_state(sock) != TCP_SYN_RECV:
                 return False
-        except OSError:
+        except (OSError, SockInfoError):
             return False
         self.add(sock)
         return True
@@ -120,7 +114,7 @@ class EstablishWatcher:
                 continue
             try:
                 state = tcp_state(sock)
-            except OSError:
+            except (OSError, SockInfoError):
                 del self._watched[fd]
                 continue
             if state == TCP_SYN_RECV and now < w.deadline:

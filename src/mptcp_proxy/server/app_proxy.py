@@ -55,13 +55,15 @@ _HANDSHAKE, _RESOLVING, _CONNECTING = "handshake", "resolving", "connecting"
 class _Conn(Handshaking):
     """One client connection between accept and relay (or close)."""
 
-    __slots__ = ("handshake", "client", "lookup", "connect", "request", "alternatives")
+    __slots__ = ("handshake", "client", "allowed", "lookup", "connect", "request",
+                 "alternatives")
 
     def __init__(self, sock: socket.socket, session: Session, handshake: AppHandshake,
                  client: IPAddress, started: float) -> None:
         super().__init__(sock, session, client, started, _HANDSHAKE)
         self.handshake = handshake
         self.client = client
+        self.allowed = False                      # inside --allow (decided at accept)
         self.lookup: Lookup | None = None
         self.connect: PendingConnect | None = None
         self.request: ConnectRequest | None = None
@@ -107,9 +109,11 @@ class AppProxyServer(HandshakeServer):
         # A client outside --allow never has its credentials checked: the
         # answers would tell it which password is right. It is refused after
         # the request, in the protocol's terms (REP 2, 403).
-        authenticator = self.authenticator if self.clients.allows(client) else None
-        conn = _Conn(sock, session, AppHandshake(self.config.protocol, authenticator),
+        allowed = self.clients.allows(client)
+        conn = _Conn(sock, session,
+                     AppHandshake(self.config.protocol, self.authenticator if allowed else None),
                      client, self.reactor.now)
+        conn.allowed = allowed
         if self.pending_by_client.get(client, 0) >= self.config.max_pending_per_client:
             # Before any byte of the handshake: the protocols have no answer here.
             self.reject(sock, session, "too-many-pending")
@@ -185,7 +189,7 @@ class AppProxyServer(HandshakeServer):
             session.target = f"{request.host}:{request.port}"
         else:
             session.target = format_addr((str(request.host), request.port))
-        if not self.clients.allows(conn.client):
+        if not conn.allowed:
             self._refuse(conn, Refusal.CLIENT_NOT_ALLOWED)
             return
         if request.port not in self.config.allow_ports:

@@ -36,7 +36,7 @@ from mptcp_proxy.config_convert import ConvertConfig
 from mptcp_proxy.dataplane.connect import (
     REFUSED, RESOURCES, TIMEOUT, UNREACHABLE, ConnectResult, Connector, PendingConnect,
 )
-from mptcp_proxy.dataplane.establish import TCP_SYN_RECV, EstablishWatcher
+from mptcp_proxy.dataplane.establish import EstablishWatcher
 from mptcp_proxy.dataplane.reactor import EPOLLIN, Reactor
 from mptcp_proxy.errors import KernelError, UpstreamError
 from mptcp_proxy.kernel.sysctl import SharedSysctlBits, read_sysctl
@@ -47,7 +47,7 @@ from mptcp_proxy.modes.convert import (
 from mptcp_proxy.modes.policy import ClientPolicy, IPAddress, TargetPolicy, normalize, parse_address
 from mptcp_proxy.observe.sockinfo import (
     IPPROTO_MPTCP, TCPI_OPT_SACK, TCPI_OPT_SYN_DATA, TCPI_OPT_TIMESTAMPS, TCPI_OPT_WSCALE,
-    SockInfoError, mptcp_info, tcp_options, tcp_state_and_option_bits,
+    TCP_SYN_RECV, SockInfoError, mptcp_info, tcp_options, tcp_state_and_option_bits,
 )
 from mptcp_proxy.server.base import Session, client_error_reason, open_listener
 from mptcp_proxy.server.handshake import CLOSING, DONE, HandshakeServer, Handshaking
