@@ -328,27 +328,25 @@ class ConvertSettings:
 
     def check_target(self, address: IPAddress) -> TargetDecision:
         """``targets.check(address)``, remembered."""
-        memo = self._targets_memo
-        entry = memo.get(id(address))
-        if entry is not None and entry[0] is address:
-            return entry[1]
-        decision = self.targets.check(address)
-        if len(memo) >= MEMO_SIZE:
-            memo.clear()
-        memo[id(address)] = (address, decision)
-        return decision
+        return _remembered(self._targets_memo, address, self.targets.check)
 
     def allows_client(self, address: IPAddress) -> bool:
         """``clients.allows(address)``, remembered."""
-        memo = self._clients_memo
-        entry = memo.get(id(address))
-        if entry is not None and entry[0] is address:
-            return entry[1]
-        allowed = self.clients.allows(address)
-        if len(memo) >= MEMO_SIZE:
-            memo.clear()
-        memo[id(address)] = (address, allowed)
-        return allowed
+        return _remembered(self._clients_memo, address, self.clients.allows)
+
+
+def _remembered(memo: dict, address: IPAddress, compute):  # type: ignore[no-untyped-def]
+    """``compute(address)``, memoized by the address object's identity (hashing
+    an ipaddress object runs Python; the codec hands out the same object for
+    the same address). Bounded: cleared when full."""
+    entry = memo.get(id(address))
+    if entry is not None and entry[0] is address:
+        return entry[1]
+    value = compute(address)
+    if len(memo) >= MEMO_SIZE:
+        memo.clear()
+    memo[id(address)] = (address, value)
+    return value
 
 
 _DECODING_REASONS = {
