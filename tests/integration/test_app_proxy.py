@@ -27,8 +27,8 @@ from mptcp_proxy.modes.policy import parse_networks
 from mptcp_proxy.modes.transparent import PortSet
 from mptcp_proxy.server.app_proxy import AppProxyServer
 from tests.support.convert_env import conn_log, log_lines, recv_all, wait_for  # noqa: F401
-from tests.support.servers import HashServer, ProxyRunner
-from tests.support.traffic import listener, payload, sha256
+from tests.support.servers import HashServer, ProxyRunner, silent_upstream
+from tests.support.traffic import payload, sha256
 
 pytestmark = [
     pytest.mark.integration,
@@ -579,31 +579,17 @@ def test_upstream_refused(env, proxies, proto, conn_log):
 
 
 def test_silent_upstream_times_out(env, proto, conn_log):
-    with env.lab.server.enter():
-        silent = listener(env.lab.server_addr, 0, backlog=0)
-    fillers = []
-    try:
-        for _ in range(4):   # fill the accept queue: further SYNs are dropped
-            with env.lab.client.enter():
-                s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(silent.getsockname())
-            fillers.append(s)
-        time.sleep(0.2)
+    with silent_upstream(env.lab) as silent:
         runner = env.start(proto, relay=RelayConfig(connect_timeout=1.0))
         try:
             prefix, expect = _refusal(proto, 6, 504)
             start = time.monotonic()
-            bad_client(env, runner, proto, _connect_request(env, proto, *silent.getsockname()),
+            bad_client(env, runner, proto, _connect_request(env, proto, *silent),
                        expect, "upstream-timeout", conn_log, prefix_reply=prefix)
             assert 0.9 < time.monotonic() - start < 4
         finally:
             runner.stop()
             env.runners.remove(runner)
-    finally:
-        for s in fillers:
-            s.close()
-        silent.close()
 
 
 def test_client_vanishes_mid_handshake(env, proxies, proto, conn_log):

@@ -43,7 +43,8 @@ from tests.support.convert_env import (  # noqa: F401  (env and conn_log are fix
     tfo_send,
     wait_for,
 )
-from tests.support.traffic import listener, payload, sha256
+from tests.support.servers import silent_upstream
+from tests.support.traffic import payload, sha256
 
 pytestmark = [
     pytest.mark.integration,
@@ -442,31 +443,17 @@ def test_upstream_refused(env, runner, conn_log):
 
 
 def test_silent_upstream_times_out_with_network_failure(env, conn_log):
-    with env.lab.server.enter():
-        silent = listener(env.server_addr, 0, backlog=0)
-    fillers = []
-    try:
-        for _ in range(4):   # fill the accept queue: further SYNs are dropped
-            with env.lab.client.enter():
-                s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(silent.getsockname())
-            fillers.append(s)
-        time.sleep(0.2)
+    with silent_upstream(env.lab) as silent:
         r = start(env, relay=RelayConfig(connect_timeout=1.0), network_retry=9)
         try:
             start_time = time.monotonic()
-            error, _ = bad_request(env, r, request(*silent.getsockname()),
-                                   E.NETWORK_FAILURE, "upstream-timeout", conn_log)
+            error, _ = bad_request(env, r, request(*silent), E.NETWORK_FAILURE,
+                                   "upstream-timeout", conn_log)
             assert error.retry_delay_s == 9
             assert 0.9 < time.monotonic() - start_time < 4
         finally:
             r.stop()
             env.runners.remove(r)
-    finally:
-        for s in fillers:
-            s.close()
-        silent.close()
 
 
 def test_client_reset_during_handshake_is_logged(env, runner, conn_log):

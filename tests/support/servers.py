@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from tests.support.traffic import listener, recv_until_eof, send_all_and_shut
@@ -140,3 +142,26 @@ class ProxyRunner:
         if self.thread is not None and self.thread.is_alive():
             self.server.shutdown_threadsafe(drain=False)
             self.thread.join(10)
+
+
+@contextlib.contextmanager
+def silent_upstream(lab) -> Iterator[tuple]:  # type: ignore[no-untyped-def]
+    """The address of a server in ``lab`` that never answers a SYN: a listener
+    whose accept queue is full (backlog 0, filled from the client node), so the
+    kernel drops further SYNs and a proxy's connect times out."""
+    with lab.server.enter():
+        silent = listener(lab.server_addr, 0, backlog=0)
+    fillers = []
+    try:
+        for _ in range(4):
+            with lab.client.enter():
+                s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(silent.getsockname())
+            fillers.append(s)
+        time.sleep(0.2)
+        yield silent.getsockname()
+    finally:
+        for s in fillers:
+            s.close()
+        silent.close()
