@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import os
 import socket
+import stat
 from dataclasses import dataclass, field
 
 from mptcp_proxy.errors import ConfigError
@@ -185,3 +187,23 @@ class ForwardConfig(ServerSettings):
         super().__post_init__()
         if self.target.port == 0:
             raise ConfigError("--to", "target port 0 is not connectable")
+
+
+def read_private_file(path: str, key: str, limit: int) -> bytes:
+    """The bytes of a secret-holding file (cookie secret, passwords).
+
+    Refuses, as a :class:`ConfigError` naming ``key``, a missing or irregular
+    file, one larger than ``limit`` bytes, and one others may read.
+    """
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(key, f"{path} is not a regular file")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(key, f"{path} is readable by others; chmod 600 it")
+        if st.st_size > limit:
+            raise ConfigError(key, f"{path} is larger than {limit} bytes")
+        with open(path, "rb") as f:
+            return f.read(limit)
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None

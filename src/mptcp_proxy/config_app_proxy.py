@@ -7,11 +7,9 @@ raises :class:`ConfigError` naming the option.
 from __future__ import annotations
 
 import hmac
-import os
-import stat
 from dataclasses import dataclass, field
 
-from mptcp_proxy.config import Endpoint, ExplicitProxySettings
+from mptcp_proxy.config import Endpoint, ExplicitProxySettings, read_private_file
 from mptcp_proxy.errors import ConfigError
 from mptcp_proxy.modes.app_proxy import PROTOCOLS
 from mptcp_proxy.modes.transparent import PortSet
@@ -54,18 +52,9 @@ class Credentials:
     @classmethod
     def load(cls, path: str, key: str = "--auth") -> "Credentials":
         """From ``path``, which others must not be able to read."""
+        data = read_private_file(path, key, MAX_AUTH_FILE)
         try:
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode):
-                raise ConfigError(key, f"{path} is not a regular file")
-            if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise ConfigError(key, f"{path} is readable by others; chmod 600 it")
-            if st.st_size > MAX_AUTH_FILE:
-                raise ConfigError(key, f"{path} is larger than {MAX_AUTH_FILE} bytes")
-            with open(path, encoding="utf-8") as f:
-                text = f.read(MAX_AUTH_FILE)
-        except OSError as exc:
-            raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise ConfigError(key, f"{path} is not UTF-8") from None
         return cls.parse(text, key)

@@ -7,11 +7,9 @@ bad value raises :class:`ConfigError` naming the option.
 
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass, field
 
-from mptcp_proxy.config import Endpoint, ExplicitProxySettings
+from mptcp_proxy.config import Endpoint, ExplicitProxySettings, read_private_file
 from mptcp_proxy.errors import ConfigError
 from mptcp_proxy.modes.convert import (
     DEFAULT_COOKIE_WINDOW_S, DEFAULT_NETWORK_RETRY_S, MIN_COOKIE_SECRET_LEN,
@@ -74,18 +72,7 @@ def load_cookie_secret(path: str, key: str = "--cookie-secret") -> bytes:
     Refuses a missing, empty, huge or too short file, and one that others may
     read (the secret is what stops clients from minting cookies).
     """
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(key, f"{path} is not a regular file")
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(key, f"{path} is readable by others; chmod 600 it")
-        if st.st_size > MAX_COOKIE_SECRET_FILE:
-            raise ConfigError(key, f"{path} is larger than {MAX_COOKIE_SECRET_FILE} bytes")
-        with open(path, "rb") as f:
-            secret = f.read(MAX_COOKIE_SECRET_FILE).strip()
-    except OSError as exc:
-        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+    secret = read_private_file(path, key, MAX_COOKIE_SECRET_FILE).strip()
     if len(secret) < MIN_COOKIE_SECRET_LEN:
         raise ConfigError(key, f"{path} holds {len(secret)} bytes; at least "
                                f"{MIN_COOKIE_SECRET_LEN} are needed")
