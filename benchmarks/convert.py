@@ -596,6 +596,10 @@ def main() -> int:
                         prof[key] = profile(bench, BY_KEY[key], duration, args.conn_procs, out)
                         say(f"profiled {key}: {prof[key]['rate']:.0f}/s under py-spy, "
                             f"{out.name}")
+                # SIGTERM: the converter logs its own counters as it stops.
+                for line in bench.proxies["convert"].stop().splitlines():
+                    if "convert: stopped;" in line:
+                        meta["converter_stop"] = line.split("convert: stopped;", 1)[1].strip()
             finally:
                 procs.kill_all()
     except BenchError as exc:
@@ -645,6 +649,8 @@ def main() -> int:
               "server, and such sockets can miss the FIN")
         print("(the fallback-close trap, dataplane/connect.py); at c=1 each one stalls the "
               f"run {FIN_TIMEOUT:g} s.")
+    if meta.get("converter_stop"):
+        print(f"converter's own counters (all runs, at SIGTERM): {meta['converter_stop']}")
     if prof:
         print()
         print(render_profile(prof))

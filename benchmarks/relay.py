@@ -167,6 +167,20 @@ class Proc:
             return ""
         return ("\n  stderr: " + text[-1500:].replace("\n", "\n  ")) if text else ""
 
+    def stop(self, timeout: float = 5.0) -> str:
+        """SIGTERM (a proxy drains and logs its counters), then kill; its stderr."""
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+                self.popen.wait(timeout=timeout)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
     def kill(self) -> None:
         if self.popen.poll() is None:
             try:

@@ -117,6 +117,22 @@ def test_base_connect_opens_upstream_with_early_data_then_bare_header():
     assert hs.state is HandshakeState.RELAYING
 
 
+def test_the_policy_answer_to_a_connect_is_remembered_per_settings():
+    settings = make_settings()
+    first = handshake(settings).receive(connect_bytes())
+    again = handshake(settings).receive(connect_bytes())
+    # Same 24 bytes: the codec's object, the settings' remembered plan, one action.
+    assert again is first and first == OpenUpstream(TARGET, PORT, b"", ())
+    with_data = handshake(settings).receive(connect_bytes() + APP)
+    assert with_data == OpenUpstream(TARGET, PORT, APP, ()) and first.early_data == b""
+    # Fresh settings (a refreshed policy) decide afresh.
+    denied = make_settings(targets=TargetPolicy(
+        allow_targets=parse_networks(["192.0.2.0/24"], "k"),
+        deny_targets=parse_networks([f"{TARGET}/32"], "k")))
+    action = handshake(denied).receive(connect_bytes())
+    assert isinstance(action, ReplyAndClose) and action.reason == "target-denied"
+
+
 def test_trickle_feed_decides_on_the_last_byte_of_the_message():
     data = connect_bytes()
     hs = handshake()

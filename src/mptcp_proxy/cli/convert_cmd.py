@@ -89,9 +89,11 @@ def run(args: argparse.Namespace) -> int:
         server.serve_forever()
         stats = server.convert_stats
         log.info("convert: stopped; %d connections relayed, %d refused; %d with the Convert "
-                 "header in the SYN, %d after the handshake",
+                 "header in the SYN, %d after the handshake; %d accepted before the "
+                 "client's third ACK (%d pushed once established, %d given up on)",
                  server.stats.relayed, server.stats.rejected, stats.syn_data,
-                 stats.no_syn_data)
+                 stats.no_syn_data, stats.early_accepted, server.establish.pushed,
+                 server.establish.expired)
         return 0
 
     if workers == 1:

@@ -52,6 +52,7 @@ import hashlib
 import hmac
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from typing import TypeAlias, Union
 
 from mptcp_proxy.errors import ProtocolError
@@ -317,6 +318,10 @@ class ConvertSettings:
         default_factory=dict, init=False, repr=False, compare=False)
     _clients_memo: dict[int, tuple[IPAddress, bool]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
+    # Connect TLV (by identity, like the addresses: the codec hands out one
+    # object per base-Connect message) -> what the policy makes of it.
+    _plans_memo: dict[int, tuple[ConnectTlv, "_ConnectPlan"]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "supported_kinds", tuple(self.supported_kinds))
@@ -334,18 +339,54 @@ class ConvertSettings:
         """``clients.allows(address)``, remembered."""
         return _remembered(self._clients_memo, address, self.clients.allows)
 
+    def connect_plan(self, connect: ConnectTlv) -> "_ConnectPlan":
+        """What the target policy and the option rules make of ``connect`` (a pure
+        function of the two), remembered."""
+        return _remembered(self._plans_memo, connect, self._plan)
 
-def _remembered(memo: dict, address: IPAddress, compute):  # type: ignore[no-untyped-def]
-    """``compute(address)``, memoized by the address object's identity (hashing
-    an ipaddress object runs Python; the codec hands out the same object for
-    the same address). Bounded: cleared when full."""
-    entry = memo.get(id(address))
-    if entry is not None and entry[0] is address:
+    def _plan(self, connect: ConnectTlv) -> "_ConnectPlan":
+        decision = self.check_target(connect.address)
+        if decision.verdict is not TargetVerdict.ALLOWED:
+            return _ConnectPlan(decision, (), None)
+        options = connect.options
+        refused = _refused_kinds(options, self.connect_option_kinds) if options else ()
+        if refused:
+            return _ConnectPlan(decision, refused, None)
+        kinds = tuple(option.kind for option in options) if options else ()
+        return _ConnectPlan(decision, (), OpenUpstream(connect.address, connect.port, b"", kinds))
+
+
+@dataclass(frozen=True, slots=True)
+class _ConnectPlan:
+    """The policy's answer to one Connect TLV, whoever sends it."""
+
+    decision: TargetDecision
+    refused: tuple[int, ...]
+    """Option kinds refused (Error 33), in the order the Connect lists them."""
+    action: OpenUpstream | None
+    """The connection to open, without early data (immutable: shared); None if refused."""
+
+
+def _refused_kinds(options: tuple[TcpOption, ...], accepted: frozenset[int]) -> tuple[int, ...]:
+    refused: list[int] = []
+    for option in options:
+        if option.kind not in accepted and option.kind not in refused:
+            refused.append(option.kind)
+    return tuple(refused)
+
+
+def _remembered(memo: dict, key: object, compute):  # type: ignore[no-untyped-def]
+    """``compute(key)``, memoized by the key object's identity (hashing an
+    ipaddress object runs Python; the codec hands out the same object for the
+    same address or Connect). Each entry keeps its key alive, so its id cannot
+    be reused while remembered. Bounded: cleared when full."""
+    entry = memo.get(id(key))
+    if entry is not None and entry[0] is key:
         return entry[1]
-    value = compute(address)
+    value = compute(key)
     if len(memo) >= MEMO_SIZE:
         memo.clear()
-    memo[id(address)] = (address, value)
+    memo[id(key)] = (key, value)
     return value
 
 
@@ -358,6 +399,7 @@ _DECODING_REASONS = {
 
 _READING = HandshakeState.READING
 _CONNECTING = HandshakeState.CONNECTING
+_CLIENT = ConvertSender.CLIENT
 
 
 class ConvertHandshake:
@@ -368,9 +410,9 @@ class ConvertHandshake:
 
     def __init__(self, settings: ConvertSettings, client: IPAddress, wall_now: float) -> None:
         self.settings = settings
-        self.client = normalize(client)
+        self.client = client if type(client) is IPv4Address else normalize(client)
         self.wall_now = wall_now
-        self.state = HandshakeState.READING
+        self.state = _READING
         self.decoder: ConvertDecoder | None = None
         """Buffers a message that spans reads (or broke a rule); none while the first
         read held a whole message, as it does with TCP Fast Open."""
@@ -421,7 +463,7 @@ class ConvertHandshake:
             # The first read: usually the whole message (it rode in the SYN).
             # Decoded straight from it; anything else goes through a decoder.
             try:
-                message, used = decode_message(data, ConvertSender.CLIENT)
+                message, used = decode_message(data, _CLIENT)
             except (IncompleteConvertMessage, ConvertProtocolError):
                 pass
             else:
@@ -429,7 +471,7 @@ class ConvertHandshake:
                 self.early_data = data[used:]
         if message is None:
             if decoder is None:
-                decoder = self.decoder = ConvertDecoder(ConvertSender.CLIENT)
+                decoder = self.decoder = ConvertDecoder(_CLIENT)
             try:
                 message = decoder.feed(data)
             except ConvertProtocolError as error:
@@ -525,7 +567,8 @@ class ConvertHandshake:
                     "missing-cookie", "no Cookie TLV")
             if not cookies.valid(self.client, cookie.cookie, self.wall_now):
                 return self._refuse(ErrorTlv.not_authorized(), "bad-cookie", "invalid cookie")
-        decision = self.settings.check_target(connect.address)
+        plan = self.settings.connect_plan(connect)
+        decision = plan.decision
         self.target = decision
         if decision.verdict is TargetVerdict.FORBIDDEN:
             # RFC 8803 §4.2.5: loopback, multicast, broadcast targets are Malformed.
@@ -536,23 +579,18 @@ class ConvertHandshake:
         if decision.verdict is TargetVerdict.DENIED:
             return self._refuse(ErrorTlv.not_authorized(), "target-denied",
                                 f"target {connect.address} refused: {decision.reason.value}")
-        options = connect.options
-        refused = self._refused_options(connect) if options else ()
+        refused = plan.refused
         if refused:
             return self._refuse(ErrorTlv.unsupported_tcp_option(refused), "unsupported-option",
                                 f"unsupported TCP options {list(refused)}")
         self.state = _CONNECTING
         self.outcome = "connect+info" if self._info else "connect"
-        return OpenUpstream(connect.address, connect.port, self.early_data,
-                            tuple(option.kind for option in options) if options else ())
-
-    def _refused_options(self, connect: ConnectTlv) -> tuple[int, ...]:
-        accepted = self.settings.connect_option_kinds
-        refused: list[int] = []
-        for option in connect.options:
-            if option.kind not in accepted and option.kind not in refused:
-                refused.append(option.kind)
-        return tuple(refused)
+        action = plan.action
+        assert action is not None  # allowed, nothing refused
+        early = self.early_data
+        if early:
+            return OpenUpstream(action.address, action.port, early, action.requested_options)
+        return action  # shared: immutable
 
     # -- the one error path -------------------------------------------------
     def _refuse_decoding(self, error: ProtocolError) -> Action:

@@ -89,6 +89,8 @@ class ConvertStats:
     """Error replies not sent because the client was over its rate."""
     early_in_syn: int = 0
     """Upstream connections whose SYN carried the client's first bytes (TFO)."""
+    early_accepted: int = 0
+    """TFO connections accepted in SYN_RECV (watched by the EstablishWatcher)."""
 
 
 class _Pending(Handshaking):
@@ -235,14 +237,15 @@ class ConvertServer(HandshakeServer):
             _remember(self._clients, host, client)
         try:  # TCPI_OPT_SYN_DATA: the client's SYN carried data the kernel accepted
             state, options = tcp_state_and_option_bits(sock)
-            syn_data = bool(options & TCPI_OPT_SYN_DATA)
         except (OSError, SockInfoError):
-            state, syn_data = 0, False
+            state = options = 0
+        syn_data = options & TCPI_OPT_SYN_DATA
         if syn_data:
             self.convert_stats.syn_data += 1
             if state == TCP_SYN_RECV and self._listen_mptcp:
                 # Accepted on the SYN, before the client's third ACK: what we
                 # write now would stay queued in the kernel (dataplane/establish.py).
+                self.convert_stats.early_accepted += 1
                 self.establish.add(sock)
         else:
             self.convert_stats.no_syn_data += 1
@@ -283,7 +286,10 @@ class ConvertServer(HandshakeServer):
             return
         handshake = p.handshake
         action = handshake.receive(data) if data else handshake.receive_eof()
-        if action is not None:
+        if type(action) is OpenUpstream:   # the usual answer, without the dispatch
+            p.session.extra["convert"] = handshake.outcome  # type: ignore[index]
+            self._open_upstream(p, action)
+        elif action is not None:
             self._carry_out(p, action)
 
     def _on_deadline(self, p: _Pending) -> None:

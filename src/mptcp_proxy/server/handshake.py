@@ -204,7 +204,8 @@ class HandshakeServer(ProxyServer):
 
     def hand_to_relay(self, conn: Handshaking) -> None:
         """``conn`` leaves the handshake for the relay, which takes its fd over."""
-        self.cancel_deadline(conn)
+        if conn.deadline is not None:
+            self.cancel_deadline(conn)
         self.forget(conn)
         conn.state = DONE
         conn.watched = False  # the relay's register() re-owns the fd (one epoll MOD)
