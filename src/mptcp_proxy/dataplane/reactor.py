@@ -8,7 +8,11 @@ transports), which is what connections/s through a Python proxy is made of.
 Design rules:
 - Level-triggered epoll; a handler is ``callback(events: int)`` per fd.
 - Interest masks are cached so ``set_mask`` only issues epoll_ctl on a change.
-- Timers are a heap of :class:`Timer` objects, cancelled lazily.
+- Timers are a heap of :class:`Timer` objects, cancelled lazily; the heap is
+  rebuilt without the cancelled ones once they are most of it (every relay
+  arms a 300 s idle timer and cancels it when it closes: at thousands of
+  connections per second the dead entries would otherwise pile up for the
+  whole timeout, hundreds of MB, and every garbage collection walks them).
 - ``now`` is read once per loop iteration; handlers use ``reactor.now``.
 - Signals arrive through ``signal.set_wakeup_fd`` and run as ordinary callbacks,
   never inside the signal handler.
@@ -38,23 +42,34 @@ EPOLLHUP = select.EPOLLHUP
 EPOLLRDHUP = select.EPOLLRDHUP
 EPOLLET = select.EPOLLET
 
+COMPACT_MIN = 1024   # cancelled timers before a heap rebuild is considered
+
 Handler = Callable[[int], None]
 
 
 class Timer:
-    """A scheduled callback; ``cancel()`` is O(1) (the heap entry is skipped)."""
+    """A scheduled callback; ``cancel()`` is O(1) amortized (the heap entry is
+    skipped, and dropped when the reactor compacts its heap)."""
 
-    __slots__ = ("when", "callback", "cancelled", "seq")
+    __slots__ = ("when", "callback", "cancelled", "seq", "reactor")
 
-    def __init__(self, when: float, callback: Callable[[], None], seq: int) -> None:
+    def __init__(self, when: float, callback: Callable[[], None], seq: int,
+                 reactor: "Reactor | None" = None) -> None:
         self.when = when
         self.callback = callback
         self.cancelled = False
         self.seq = seq
+        self.reactor = reactor    # set while the timer waits in that reactor's heap
 
     def cancel(self) -> None:
+        if self.cancelled:
+            return
         self.cancelled = True
-        self.callback = _noop
+        self.callback = _noop     # drops what the callback kept alive
+        reactor = self.reactor
+        if reactor is not None:
+            self.reactor = None
+            reactor._timer_cancelled()
 
 
 def _noop() -> None:
@@ -73,6 +88,7 @@ class Reactor:
         self._stale: set[int] = set()
         # Heap of (when, seq, timer): tuples compare in C, a Python __lt__ does not.
         self._timers: list[tuple[float, int, Timer]] = []
+        self._cancelled = 0       # cancelled timers still in the heap
         self._seq = itertools.count()
         self._ready: deque[Callable[[], None]] = deque()
         self._threadsafe: deque[Callable[[], None]] = deque()
@@ -139,9 +155,26 @@ class Reactor:
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
         seq = next(self._seq)
-        timer = Timer(when, callback, seq)
+        timer = Timer(when, callback, seq, self)
         heapq.heappush(self._timers, (when, seq, timer))
         return timer
+
+    @property
+    def timer_count(self) -> int:
+        """Heap entries, the cancelled ones not yet dropped included."""
+        return len(self._timers)
+
+    def _timer_cancelled(self) -> None:
+        self._cancelled += 1
+        if self._cancelled >= COMPACT_MIN and 2 * self._cancelled > len(self._timers):
+            self._compact_timers()
+
+    def _compact_timers(self) -> None:
+        """Drop cancelled entries: O(n), at most once per n/2 cancels."""
+        timers = self._timers
+        timers[:] = [entry for entry in timers if not entry[2].cancelled]  # in place: run() holds it
+        heapq.heapify(timers)
+        self._cancelled = 0
 
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
         self._threadsafe.append(callback)
@@ -231,7 +264,10 @@ class Reactor:
                         handler(ev)
                 while timers and timers[0][0] <= now:
                     timer = heapq.heappop(timers)[2]
-                    if not timer.cancelled:
+                    if timer.cancelled:
+                        self._cancelled -= 1
+                    else:
+                        timer.reactor = None  # fired: a late cancel() counts nothing
                         ready.append(timer.callback)
                 for _ in range(len(ready)):
                     ready.popleft()()
