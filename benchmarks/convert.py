@@ -18,6 +18,11 @@ connection being "connect, receive the 1 KiB, close" from MPTCP clients:
   (c1) convert, 1-RTT: the same converter, the Convert message sent after the
                 TCP handshake (what a client without TFO does): one more round
                 trip before the server is even contacted. Concurrency 1 only.
+  (c0) floor    the (c) clients against ``benchmarks/_floor_convert.py``: the
+                same data plane doing only what no converter can avoid (read
+                the message, connect, queue the 4-byte reply, relay), without
+                decoding, policy, TCP_INFO or handshake state. (c0)/(f) is the
+                ceiling for any converter on this data plane and machine.
 
 Figures: connections/s at concurrency 1 and 64 (c=64 from several client
 processes), latency p50/p99 (connect to last byte), time to first byte p50/p99
@@ -104,7 +109,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from mptcp_proxy.lab import Lab, PathSpec  # noqa: E402
 from relay import (  # noqa: E402
-    CLI, CLK_TCK, BenchError, Proc, Procs, _format, load_argv, machine_cpu, wait_listening,
+    CLI, CLK_TCK, PYTHON, BenchError, Proc, Procs, _format, load_argv, machine_cpu,
+    wait_listening,
 )
 
 RESULTS_DIR = ROOT / "bench-results"
@@ -114,6 +120,8 @@ TARGET_RATIO = 0.90           # (c)/(f) connections per second
 SERVER_PORT = 5102            # conn-server, plain TCP
 FORWARD_PORT = 6101
 CONVERT_PORT = 7101
+FLOOR_PORT = 7103
+FLOOR = str(ROOT / "benchmarks" / "_floor_convert.py")
 SIZE = 1024
 CONN_TIMEOUT = 2.0            # s: a connection given up on (1 SYN retransmit fits)
 FIN_TIMEOUT = 0.25            # s: ... or this long after its last byte without a FIN
@@ -135,7 +143,7 @@ TFO_PASSIVE = "proxy.TcpExt.TCPFastOpenPassive"
 class Scenario:
     key: str
     label: str
-    proxy: str | None          # "forward", "convert" or None (direct)
+    proxy: str | None          # "forward", "convert", "floor" or None (direct)
     convert_send: str | None = None   # "syn" (TFO, 0-RTT) or "after" (1-RTT)
     concurrencies: tuple[int, ...] = (1, 64)
 
@@ -145,6 +153,7 @@ SCENARIOS = (
     Scenario("f", "(f) forward", "forward"),
     Scenario("c", "(c) convert", "convert", "syn"),
     Scenario("c1", "(c1) convert 1-RTT", "convert", "after", (1,)),
+    Scenario("c0", "(c0) floor", "floor", "syn"),
 )
 BY_KEY = {s.key: s for s in SCENARIOS}
 
@@ -174,19 +183,22 @@ class Bench:
         self.argv["convert"] = [CLI, "convert", "--listen", f"0.0.0.0:{CONVERT_PORT}",
                                 "--allow-target", f"{lab.server_addr}/32", "--tfo-no-cookie",
                                 "--upstream", "tcp", "--no-conn-log"]
-        for name in ("forward", "convert"):
+        self.argv["floor"] = [PYTHON, FLOOR, "--listen", f"0.0.0.0:{FLOOR_PORT}",
+                              "--to", self.server_target]
+        for name in ("forward", "convert", "floor"):
             self.proxies[name] = self.procs.start(lab.proxy, self.argv[name], name)
-        for name, port in (("forward", FORWARD_PORT), ("convert", CONVERT_PORT)):
+        for name, port in (("forward", FORWARD_PORT), ("convert", CONVERT_PORT),
+                           ("floor", FLOOR_PORT)):
             p = self.proxies[name]
             wait_listening(p.pid, port)
             with open(f"/proc/{p.pid}/cmdline", "rb") as f:
-                if b"mptcp-proxy" not in f.read():
+                if (b"_floor_convert" if name == "floor" else b"mptcp-proxy") not in f.read():
                     raise BenchError(f"pid {p.pid} is not the proxy itself")
 
     def connect_to(self, sc: Scenario) -> str:
         if sc.proxy is None:
             return self.server_target
-        port = FORWARD_PORT if sc.proxy == "forward" else CONVERT_PORT
+        port = {"forward": FORWARD_PORT, "convert": CONVERT_PORT, "floor": FLOOR_PORT}[sc.proxy]
         return f"{self.lab.paths[0].proxy_addr}:{port}"
 
     # -- readings ---------------------------------------------------------------------
@@ -399,7 +411,9 @@ def analyze(raw: list[dict]) -> dict:
                 res.setdefault(f"c{c}", {})[sc.key] = summarize(runs)
     for c in (1, 64):
         s = res[f"c{c}"]
-        res[f"c{c}"]["ratio_c_f"] = s["c"]["rate"] / s["f"]["rate"] if s["f"]["rate"] else None
+        f = s["f"]["rate"]
+        s["ratio_c_f"] = s["c"]["rate"] / f if f else None
+        s["ratio_c0_f"] = s["c0"]["rate"] / f if f and "c0" in s else None
     s1 = res["c1"]
     if s1["c"]["ttfb_p50_ms"] is not None and s1["c1"]["ttfb_p50_ms"] is not None:
         res["tfo_saves_ms"] = s1["c1"]["ttfb_p50_ms"] - s1["c"]["ttfb_p50_ms"]
@@ -413,7 +427,7 @@ def ms_pair(a: float | None, b: float | None) -> str:
 def render_table(res: dict, nruns: int) -> str:
     keys = [s.key for s in SCENARIOS]
     rows: list[tuple[str, ...]] = [("figure", "(a) direct", "(f) forward", "(c) convert",
-                                    "(c1) conv 1-RTT", "c/f", "target")]
+                                    "(c1) conv 1-RTT", "(c0) floor", "c/f", "target")]
 
     def add(label: str, cells: dict, ratio: str = "", target: str = "") -> None:
         rows.append((label, *(cells.get(k, "-") for k in keys), ratio, target))
@@ -425,6 +439,8 @@ def render_table(res: dict, nruns: int) -> str:
         add(f"connections/s c={c} (median of {nruns})",
             {k: f"{v['rate']:.0f}" for k, v in s.items() if k in keys},
             "-" if ratio is None else f"{ratio:.2f}{ok}", f">= {TARGET_RATIO:.2f}")
+        if s.get("ratio_c0_f") is not None:
+            add("  (c0)/(f): the ceiling for any converter here", {}, f"{s['ratio_c0_f']:.2f}")
         add("  [min-max]", {k: f"[{v['rate_min']:.0f}-{v['rate_max']:.0f}]"
                             for k, v in s.items() if k in keys})
         add("  latency p50 / p99 ms", {k: ms_pair(v["p50_ms"], v["p99_ms"])
@@ -445,20 +461,20 @@ def render_table(res: dict, nruns: int) -> str:
     add("SYN data accepted: proxy ns TCPFastOpenPassive delta / conns",
         {k: f"{sum(e['counters'][TFO_PASSIVE] for e in v)}/"
             f"{sum(e['connections'] for e in v)}" for k, v in both.items()
-         if BY_KEY[k].proxy == "convert"}, "", "c: all, c1: 0")
+         if BY_KEY[k].convert_send}, "", "c, c0: all; c1: 0")
     add("  client: request queued in the SYN (sendto)",
         {k: f"{sum(e['syn_queued'] for e in v)}/{sum(e['connections'] for e in v)}"
-         for k, v in both.items() if BY_KEY[k].proxy == "convert"}, "", "c: all, c1: 0")
+         for k, v in both.items() if BY_KEY[k].convert_send}, "", "c, c0: all; c1: 0")
     add("  TFO passive fail / listen overflow",
         {k: f"{sum(e['counters']['proxy.TcpExt.TCPFastOpenPassiveFail'] for e in v)} / "
             f"{sum(e['counters']['proxy.TcpExt.TCPFastOpenListenOverflow'] for e in v)}"
-         for k, v in both.items() if BY_KEY[k].proxy == "convert"}, "", "0 / 0")
+         for k, v in both.items() if BY_KEY[k].convert_send}, "", "0 / 0")
     add("converter replies (hex x count)",
         {k: ", ".join(f"{h} x{n}" for h, n in _merge_replies(v).items()) or "-"
-         for k, v in both.items() if BY_KEY[k].proxy == "convert"})
+         for k, v in both.items() if BY_KEY[k].convert_send})
     add("  ConvertClientHandshake verdict",
         {k: ", ".join(sorted(set(_merge_verdicts(v).values()))) or "-"
-         for k, v in both.items() if BY_KEY[k].proxy == "convert"}, "", "accepted")
+         for k, v in both.items() if BY_KEY[k].convert_send}, "", "accepted")
     add("client sockets MPTCP (TCP_IS_MPTCP)",
         {k: f"{sum(e['client_mptcp'] for e in v)}/{sum(e['connections'] for e in v)}"
          for k, v in both.items()}, "", "a: 0, others all")
@@ -504,10 +520,10 @@ def check(res: dict) -> list[str]:
             if BY_KEY[k].proxy and v["client_mptcp"] < v["completed"]:
                 problems.append(f"{k} c={c}: {v['completed'] - v['client_mptcp']} client "
                                 "sockets not MPTCP")
-            if k == "c":
+            if k in ("c", "c0"):
                 tfo = v["counters"][TFO_PASSIVE]
                 if tfo < 0.95 * v["connections"] or v["syn_missed"]:
-                    problems.append(f"c c={c}: SYN data on {tfo} of {v['connections']} "
+                    problems.append(f"{k} c={c}: SYN data on {tfo} of {v['connections']} "
                                     f"connections ({v['syn_missed']} not queued by sendto)")
             if k == "c1" and v["counters"][TFO_PASSIVE]:
                 problems.append(f"c1 c={c}: {v['counters'][TFO_PASSIVE]} SYNs carried data")
