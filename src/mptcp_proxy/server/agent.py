@@ -28,9 +28,10 @@ Design rules:
   negotiation, name resolution, converter connect and answer together).
 - A refusal reaches the application in its own terms: a RST for a captured
   connection (what the server's refusal would have looked like), the mapped
-  SOCKS5 reply code then a close for SOCKS. The log reason names the cause
-  (``convert-error:96``, ``converter-refused``, ``resolve-failed``,
-  ``socks5-error:7``, ``handshake-timeout``).
+  SOCKS5 reply code then a close for SOCKS (HandshakeServer's ending: FIN,
+  drain until the application's FIN or ``CLOSE_LINGER``). The log reason
+  names the cause (``convert-error:96``, ``converter-refused``,
+  ``resolve-failed``, ``socks5-error:7``, ``handshake-timeout``).
 - The converter's Error makes the agent reset its converter connection
   (RFC 8803 §4.2.8). A Missing Cookie error carrying a cookie is retried once
   with it, and the cookie is kept for that converter.
@@ -58,7 +59,7 @@ from dataclasses import dataclass, field
 
 from mptcp_proxy.config import Endpoint, RelayConfig, UpstreamMode
 from mptcp_proxy.dataplane.connect import ConnectResult, Connector, PendingConnect
-from mptcp_proxy.dataplane.reactor import EPOLLIN, EPOLLOUT, Reactor, Timer
+from mptcp_proxy.dataplane.reactor import EPOLLIN, EPOLLOUT, Reactor
 from mptcp_proxy.dataplane.relay import LINGER_ABORT
 from mptcp_proxy.dataplane.resolve import AsyncResolver, Resolver, ResolverBusy
 from mptcp_proxy.errors import ConfigError, KernelError
@@ -75,9 +76,8 @@ from mptcp_proxy.modes.convert_client import (
 )
 from mptcp_proxy.modes.socks5 import Socks5Error, Socks5Handshake, Socks5Reply
 from mptcp_proxy.observe.sockinfo import SockInfoError, parse_sockaddr, tcp_info
-from mptcp_proxy.server.base import (
-    ProxyServer, Session, drain_until_eof, format_addr, open_listener,
-)
+from mptcp_proxy.server.base import Session, format_addr, open_listener
+from mptcp_proxy.server.handshake import CLOSING, DONE, HandshakeServer, Handshaking
 from mptcp_proxy.wire.convert import ConvertProtocolError
 
 log = logging.getLogger("mptcp_proxy.client")
@@ -94,8 +94,6 @@ SOCKADDR_IN6_LEN = 28
 
 EARLY_READ = 16 << 10         # application bytes taken along at accept (SYN data and beyond)
 READ_SIZE = 4096              # one read holds a whole Convert reply (<= 1020 bytes)
-SOCKS_CLOSE_LINGER = 2.0      # seconds to wait for the application's FIN after a reply
-DRAIN_READS = 16
 RESOLVER_THREADS = 4
 LISTEN_PORT_TRIES = 16        # ephemeral port free on both 127.0.0.1 and ::1
 LOCK_PREFIX = "\0mptcp-proxy-client-"
@@ -106,9 +104,9 @@ TFO_ACKED, TFO_NOT_ACKED, TFO_NO = "yes", "not-acked", "no"   # the log line's t
 CAPTURE = "capture"
 SOCKS5 = "socks5"
 
-# Connection states, from accept to relay.
-_SOCKS, _RESOLVING, _DIRECT, _CONNECTING, _AWAITING, _CLOSING, _DONE = (
-    "socks5", "resolving", "direct", "connecting", "awaiting-reply", "closing", "done")
+# Connection states, from accept to relay (then CLOSING, DONE: server/handshake.py).
+_SOCKS, _RESOLVING, _DIRECT, _CONNECTING, _AWAITING = (
+    "socks5", "resolving", "direct", "connecting", "awaiting-reply")
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -286,20 +284,19 @@ class MarkedConnector(Connector):
 # One application connection between accept and relay
 # --------------------------------------------------------------------------
 
-class _Conn:
-    __slots__ = ("app", "fd", "session", "kind", "started", "state", "deadline", "target",
-                 "early", "socks", "connect", "conv", "conv_fd", "handshake", "out",
-                 "converter_tries", "converter_index", "cookie_retried", "tried_direct",
-                 "last_error", "linger", "app_watched", "name")
+class _Conn(Handshaking):
+    """``sock`` is the application's socket; the converter's (or a direct
+    target's) socket is ``conv``, outside the shared handshake bookkeeping."""
+
+    __slots__ = ("kind", "target", "early", "socks", "connect", "conv", "conv_fd", "handshake",
+                 "to_converter", "converter_tries", "converter_index", "cookie_retried",
+                 "tried_direct", "last_error", "name")
 
     def __init__(self, app: socket.socket, session: Session, kind: str, started: float) -> None:
-        self.app = app
-        self.fd = app.fileno()
-        self.session = session
+        # No per-client limit here: every client counts under one key.
+        super().__init__(app, session, None, started,
+                         _SOCKS if kind == SOCKS5 else _CONNECTING)
         self.kind = kind
-        self.started = started
-        self.state = _SOCKS if kind == SOCKS5 else _CONNECTING
-        self.deadline: Timer | None = None
         self.target: tuple[str, int] | None = None
         self.early = b""                  # application bytes sent behind the Convert request
         self.socks: Socks5Handshake | None = None
@@ -307,14 +304,12 @@ class _Conn:
         self.conv: ConnectResult | None = None
         self.conv_fd = -1
         self.handshake: ConvertClientHandshake | None = None
-        self.out = b""                    # request + early bytes not yet taken by the socket
+        self.to_converter = b""           # request + early bytes not yet taken by the socket
         self.converter_tries = 0
         self.converter_index = 0
         self.cookie_retried = False
         self.tried_direct = False
-        self.last_error = ""
-        self.linger: Timer | None = None
-        self.app_watched = False
+        self.last_error = ""              # the last converter failure, for the final reason
         self.name: str | None = None      # SOCKS5 domain name, when one was given
 
 
@@ -322,7 +317,7 @@ class _Conn:
 # The agent
 # --------------------------------------------------------------------------
 
-class ClientAgent(ProxyServer):
+class ClientAgent(HandshakeServer):
     """Capture + SOCKS5 listeners; each connection carried to a converter over MPTCP."""
 
     mode_name = "client"
@@ -347,7 +342,6 @@ class ClientAgent(ProxyServer):
         """Converters that did not acknowledge our SYN data: none sent to them since."""
         self.converters: list[tuple[int, tuple]] = []
         self.agent_stats = AgentStats()
-        self.pending: dict[int, _Conn] = {}
         self.capture_port = 0
         self.socks_port: int | None = None
         self.table: NftTable | None = None
@@ -481,12 +475,6 @@ class ClientAgent(ProxyServer):
         """Release everything when :meth:`serve_forever` never ran. Idempotent."""
         self._close_everything()
 
-    def abort_pending(self) -> None:
-        super().abort_pending()
-        for conn in list(self.pending.values()):
-            self._release(conn)
-            self._finish(conn, "shutdown", abort=True)
-
     # -- accepting ------------------------------------------------------------
     def handle_accept(self, sock: socket.socket, addr: tuple, session: Session) -> None:
         local = sock.getsockname()
@@ -519,8 +507,7 @@ class ClientAgent(ProxyServer):
         except (BlockingIOError, InterruptedError):
             conn.early = b""
         except OSError:
-            self._release(conn)
-            self._finish(conn, "client-reset", abort=True)
+            self.abort(conn, "client-reset")
             return
         self._open(conn)
 
@@ -529,45 +516,34 @@ class ClientAgent(ProxyServer):
         self.agent_stats.socks5 += 1
         conn = self._track(sock, session, SOCKS5)
         conn.socks = Socks5Handshake()
-        self._watch_app(conn)
+        self.watch(conn, EPOLLIN)
 
     def _track(self, sock: socket.socket, session: Session, kind: str) -> _Conn:
         conn = _Conn(sock, session, kind, self.reactor.now)
-        self.pending[session.id] = conn
+        self.track(conn)
         conn.deadline = self.reactor.call_later(self.config.handshake_timeout,
                                                 lambda: self._on_deadline(conn))
         return conn
 
     # -- SOCKS5 -----------------------------------------------------------------
-    def _watch_app(self, conn: _Conn) -> None:
-        if not conn.app_watched:
-            self.reactor.register(conn.fd, EPOLLIN, lambda ev: self._on_app_event(conn))
-            conn.app_watched = True
-
-    def _unwatch_app(self, conn: _Conn) -> None:
-        if conn.app_watched:
-            self.reactor.unregister(conn.fd)
-            conn.app_watched = False
-
-    def _on_app_event(self, conn: _Conn) -> None:
+    def on_handshake_event(self, conn: _Conn, events: int) -> None:  # type: ignore[override]
+        # The application's socket is watched only while SOCKS5 talks and while closing.
         if conn.state == _SOCKS:
             self._read_socks(conn)
-        elif conn.state == _CLOSING:
-            self._drain(conn)
+        elif conn.state == CLOSING:
+            self.on_closing_event(conn)
 
     def _read_socks(self, conn: _Conn) -> None:
         assert conn.socks is not None  # SOCKS5 connections have a handshake
         try:
-            data = conn.app.recv(READ_SIZE)
+            data = conn.sock.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self._release(conn)
-            self._finish(conn, "client-reset", abort=True)
+            self.abort(conn, "client-reset")
             return
         if not data:
-            self._release(conn)
-            self._finish(conn, "client-eof", abort=False)
+            self.abort(conn, "client-eof", reset=False)
             return
         # Fed a byte at a time up to the request: the method reply due for the
         # greeting is then out before a failure in the request of the same read
@@ -586,15 +562,15 @@ class ClientAgent(ProxyServer):
         except Socks5Error as exc:
             reason = f"socks5-error:{exc.code}" if exc.code is not None else "socks5-bad-handshake"
             log.debug("conn=%d %s: %s", conn.session.id, reason, exc)
-            self._socks_close(conn, bytes(out) + exc.reply, reason)
+            self.close_with(conn, bytes(out) + exc.reply, reason)
             return
-        if out and not self._send_app(conn, bytes(out)):
+        if out and not self.send_small(conn, bytes(out)):
             return
         if request is None:
             return
         # Stop reading: bytes pipelined behind the request wait in the socket
         # for the relay; those already read are in ``leftover``.
-        self._unwatch_app(conn)
+        self.unwatch(conn)
         conn.early = conn.socks.leftover
         if request.is_domain:
             conn.name = str(request.host)
@@ -605,18 +581,6 @@ class ClientAgent(ProxyServer):
         conn.session.target = format_addr(conn.target)
         conn.state = _CONNECTING
         self._open(conn)
-
-    def _send_app(self, conn: _Conn, data: bytes) -> bool:
-        """Handshake replies are a few bytes on a fresh socket: they fit, or the peer is broken."""
-        try:
-            sent = conn.app.send(data)
-        except OSError:
-            sent = -1
-        if sent == len(data):
-            return True
-        self._release(conn)
-        self._finish(conn, "client-error", abort=True)
-        return False
 
     def _resolve(self, conn: _Conn, name: str, port: int) -> None:
         conn.state = _RESOLVING
@@ -647,32 +611,6 @@ class ClientAgent(ProxyServer):
         conn.session.extra["name"] = conn.name  # type: ignore[index]
         conn.state = _CONNECTING
         self._open(conn)
-
-    def _socks_close(self, conn: _Conn, reply: bytes, reason: str) -> None:
-        """Send ``reply`` (may be empty), FIN, read the application's rest until its FIN."""
-        self._release(conn)
-        conn.state = _CLOSING
-        conn.last_error = reason
-        if reply:
-            try:
-                conn.app.send(reply)
-            except OSError:
-                self._finish(conn, reason, abort=True)
-                return
-        try:
-            conn.app.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._finish(conn, reason, abort=True)
-            return
-        self.pending[conn.session.id] = conn  # still ours until closed
-        self._watch_app(conn)
-        conn.linger = self.reactor.call_later(SOCKS_CLOSE_LINGER,
-                                              lambda: self._finish(conn, reason, abort=False))
-
-    def _drain(self, conn: _Conn) -> None:
-        """Read and drop until the FIN: closing with unread data would send a RST."""
-        if drain_until_eof(conn.app, DRAIN_READS, READ_SIZE):
-            self._finish(conn, conn.last_error, abort=False)
 
     # -- toward the target ------------------------------------------------------
     def _open(self, conn: _Conn) -> None:
@@ -756,7 +694,7 @@ class ClientAgent(ProxyServer):
             return
         conn.conv = result
         conn.conv_fd = result.sock.fileno()
-        conn.out = data[result.early_sent:]
+        conn.to_converter = data[result.early_sent:]
         tfo = _tfo_outcome(result.sock)
         if tfo == TFO_ACKED:
             self.agent_stats.tfo_acked += 1
@@ -764,9 +702,9 @@ class ClientAgent(ProxyServer):
             self._note_stripped(conn.converter_index, result)
         conn.session.extra.update(via="converter", tfo=tfo)  # type: ignore[union-attr]
         conn.state = _AWAITING
-        self.reactor.register(conn.conv_fd, EPOLLIN | (EPOLLOUT if conn.out else 0),
+        self.reactor.register(conn.conv_fd, EPOLLIN | (EPOLLOUT if conn.to_converter else 0),
                               lambda ev: self._on_converter_event(conn, ev))
-        if conn.out:
+        if conn.to_converter:
             self._send_request(conn)
 
     def _note_stripped(self, index: int, result: ConnectResult) -> None:
@@ -791,7 +729,7 @@ class ClientAgent(ProxyServer):
     def _on_converter_event(self, conn: _Conn, events: int) -> None:
         if conn.state != _AWAITING:
             return
-        if events & EPOLLOUT and conn.out:
+        if events & EPOLLOUT and conn.to_converter:
             self._send_request(conn)
             if conn.state != _AWAITING:
                 return
@@ -801,16 +739,16 @@ class ClientAgent(ProxyServer):
     def _send_request(self, conn: _Conn) -> None:
         assert conn.conv is not None and conn.conv.sock is not None
         try:
-            sent = conn.conv.sock.send(conn.out)
+            sent = conn.conv.sock.send(conn.to_converter)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             # The converter may have answered (an Error) and closed: read its answer.
-            conn.out = b""
+            conn.to_converter = b""
             self.reactor.set_mask(conn.conv_fd, EPOLLIN)
             return
-        conn.out = conn.out[sent:]
-        self.reactor.set_mask(conn.conv_fd, EPOLLIN | (EPOLLOUT if conn.out else 0))
+        conn.to_converter = conn.to_converter[sent:]
+        self.reactor.set_mask(conn.conv_fd, EPOLLIN | (EPOLLOUT if conn.to_converter else 0))
 
     def _read_reply(self, conn: _Conn) -> None:
         assert conn.conv is not None and conn.conv.sock is not None
@@ -876,46 +814,43 @@ class ClientAgent(ProxyServer):
         self._preferred = conn.converter_index
         self.agent_stats.via_converter += 1
         self.reactor.unregister(conn.conv_fd)
-        rest, conn.out = conn.out, b""
+        rest, conn.to_converter = conn.to_converter, b""
         self._relay(conn, conn.conv, rest, accepted.leftover)
 
     def _relay(self, conn: _Conn, result: ConnectResult, to_upstream: bytes,
                to_client: bytes) -> None:
         assert result.sock is not None
-        self._forget(conn)
-        conn.state = _DONE
+        self.hand_to_relay(conn)  # the app fd is unwatched by now (SOCKS5) or never was
         conn.conv = None
         reply = b""
         if conn.kind == SOCKS5:
             assert conn.socks is not None
             reply = conn.socks.success(_bound(result.sock))
         # Application bytes that already left with the request count as relayed.
-        self.start_relay(conn.app, result, conn.session, initial_to_upstream=to_upstream,
+        self.start_relay(conn.sock, result, conn.session, initial_to_upstream=to_upstream,
                          initial_to_client=to_client, reply=reply,
                          sent_up=max(0, len(conn.early) - len(to_upstream)))
 
     # -- endings ------------------------------------------------------------------
     def _on_deadline(self, conn: _Conn) -> None:
         conn.deadline = None
-        if conn.state in (_CLOSING, _DONE):
+        if conn.state in (CLOSING, DONE):
             return
         if conn.state == _SOCKS:
             # No request yet: there is nothing to answer (RFC 1928 replies follow a request).
-            self._release(conn)
-            self._finish(conn, "handshake-timeout", abort=True)
+            self.abort(conn, "handshake-timeout")
             return
         self._fail(conn, "handshake-timeout", Socks5Reply.GENERAL_FAILURE)
 
     def _fail(self, conn: _Conn, reason: str, rep: Socks5Reply) -> None:
         """Tell the application: a RST (capture) or a SOCKS5 reply, then close."""
-        if conn.state in (_CLOSING, _DONE):
+        if conn.state in (CLOSING, DONE):
             return
-        self._release(conn)
         if conn.kind == SOCKS5:
             assert conn.socks is not None
-            self._socks_close(conn, conn.socks.failure(rep), reason)
+            self.close_with(conn, conn.socks.failure(rep), reason)
         else:
-            self._finish(conn, reason, abort=True)
+            self.abort(conn, reason)
 
     def _close_converter(self, conn: _Conn) -> None:
         if conn.conv is not None and conn.conv.sock is not None:
@@ -924,42 +859,14 @@ class ClientAgent(ProxyServer):
             _abort_close(conn.conv.sock)
         conn.conv = None
         conn.conv_fd = -1
-        conn.out = b""
+        conn.to_converter = b""
 
-    def _release(self, conn: _Conn) -> None:
-        """Drop everything but the application socket: timers, attempts, the converter."""
-        if conn.deadline is not None:
-            conn.deadline.cancel()
-            conn.deadline = None
+    def cancel_work(self, conn: _Conn) -> None:  # type: ignore[override]
+        """Before any ending: drop the connect attempt and reset the converter connection."""
         if conn.connect is not None:
             conn.connect.cancel()
             conn.connect = None
         self._close_converter(conn)
-        self._unwatch_app(conn)
-        self.pending.pop(conn.session.id, None)
-
-    def _forget(self, conn: _Conn) -> None:
-        """The relay takes over: no timers, not pending, the app fd unwatched."""
-        if conn.deadline is not None:
-            conn.deadline.cancel()
-            conn.deadline = None
-        self._unwatch_app(conn)
-        self.pending.pop(conn.session.id, None)
-
-    def _finish(self, conn: _Conn, reason: str, abort: bool) -> None:
-        if conn.state == _DONE:
-            return
-        conn.state = _DONE
-        if conn.linger is not None:
-            conn.linger.cancel()
-            conn.linger = None
-        self._unwatch_app(conn)
-        self.pending.pop(conn.session.id, None)
-        if conn.deadline is not None:
-            conn.deadline.cancel()
-            conn.deadline = None
-        self.reject(conn.app, conn.session, reason, abort=abort,
-                    duration=self.reactor.now - conn.started)
 
 
 def _bound(sock: socket.socket) -> tuple[str, int] | None:

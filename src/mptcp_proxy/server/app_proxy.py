@@ -152,21 +152,10 @@ class AppProxyServer(HandshakeServer):
             log.debug("conn=%d %s: %s", conn.session.id, reason, exc)
             self.close_with(conn, exc.reply, reason)
             return
-        if out and not self._send_small(conn, out):
+        if out and not self.send_small(conn, out):
             return
         if request is not None:
             self._requested(conn, request)
-
-    def _send_small(self, conn: _Conn, data: bytes) -> bool:
-        """Handshake replies are a few bytes on a fresh socket: they fit, or the peer is broken."""
-        try:
-            sent = conn.sock.send(data)
-        except OSError:
-            sent = -1
-        if sent == len(data):
-            return True
-        self.abort(conn, "client-error")
-        return False
 
     def _on_deadline(self, conn: _Conn) -> None:
         conn.deadline = None

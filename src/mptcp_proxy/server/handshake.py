@@ -1,4 +1,5 @@
-"""What the modes with a handshake in front of the relay share (convert, socks5, http-connect).
+"""What the modes with a handshake in front of the relay share (convert, socks5,
+http-connect, and the client agent's SOCKS5 and captured connections).
 
 Between accept and relay a client connection is a :class:`Handshaking`: its
 socket, one deadline, and, when refused, the refusal being sent. The ending
@@ -9,7 +10,7 @@ at most ``CLOSE_LINGER`` seconds, then close and log. :class:`HandshakeServer`
 implements that ending, the bookkeeping of handshakes in progress (per
 client, for limits) and the abort at shutdown; a mode implements
 ``on_handshake_event`` for its own states and ``cancel_work`` for what it
-started (an upstream connect, a name lookup).
+started (an upstream connect, a name lookup, the agent's converter socket).
 """
 
 from __future__ import annotations
@@ -129,6 +130,17 @@ class HandshakeServer(ProxyServer):
         if conn.deadline is not None:
             conn.deadline.cancel()
             conn.deadline = None
+
+    def send_small(self, conn: Handshaking, data: bytes) -> bool:
+        """Handshake replies are a few bytes on a fresh socket: they fit, or the peer is broken."""
+        try:
+            sent = conn.sock.send(data)
+        except OSError:
+            sent = -1
+        if sent == len(data):
+            return True
+        self.abort(conn, "client-error")
+        return False
 
     # -- endings --------------------------------------------------------------------
     def close_with(self, conn: Handshaking, reply: bytes, reason: str) -> None:
