@@ -176,3 +176,18 @@ def test_a_remembered_id_of_another_address_is_not_used(server):
 ])
 def test_upstream_target(address, port, want):
     assert server_mod.upstream_target(ipaddress.ip_address(address), port) == want
+
+
+def test_pending_sets_every_field_of_handshaking():
+    """_Pending sets Handshaking's fields itself (one call less per connection):
+    a field added to Handshaking must be set there too."""
+    from mptcp_proxy.server.convert import _Pending
+    from mptcp_proxy.server.handshake import Handshaking
+
+    p = _Pending(FakeSock(), new_session(1, "c"), None, TARGET, "10.1.0.2", 0.0)
+    for name in (*Handshaking.__slots__, *_Pending.__slots__):
+        getattr(p, name)  # AttributeError for a field left unset
+    plain = Handshaking(FakeSock(), new_session(2, "c"), "10.1.0.2", 0.0, p.state)
+    for name in Handshaking.__slots__:
+        if name not in ("sock", "fd", "session"):
+            assert getattr(p, name) == getattr(plain, name), name
