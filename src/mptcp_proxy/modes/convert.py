@@ -480,11 +480,15 @@ class ConvertHandshake:
                 return None
             self.early_data = decoder.leftover
         self.message = message
-        for tlv in message.tlvs:  # the codec guarantees one of each type at most
-            if type(tlv) is ConnectTlv:
-                self.connect = tlv
-            elif type(tlv) is InfoTlv:
-                self._info = True
+        tlvs = message.tlvs
+        if len(tlvs) == 1 and type(tlvs[0]) is ConnectTlv:
+            self.connect = tlvs[0]   # a Connect alone: nearly every message
+        else:
+            for tlv in tlvs:  # the codec guarantees one of each type at most
+                if type(tlv) is ConnectTlv:
+                    self.connect = tlv
+                elif type(tlv) is InfoTlv:
+                    self._info = True
         return self._decide(message)
 
     def receive_eof(self) -> Action:
@@ -570,6 +574,15 @@ class ConvertHandshake:
         plan = self.settings.connect_plan(connect)
         decision = plan.decision
         self.target = decision
+        action = plan.action
+        if action is not None:  # allowed, no option refused: the usual case
+            self.state = _CONNECTING
+            self.outcome = "connect+info" if self._info else "connect"
+            early = self.early_data
+            if early:
+                return OpenUpstream(action.address, action.port, early,
+                                    action.requested_options)
+            return action  # shared: immutable
         if decision.verdict is TargetVerdict.FORBIDDEN:
             # RFC 8803 §4.2.5: loopback, multicast, broadcast targets are Malformed.
             error = ConvertProtocolError(
@@ -580,17 +593,9 @@ class ConvertHandshake:
             return self._refuse(ErrorTlv.not_authorized(), "target-denied",
                                 f"target {connect.address} refused: {decision.reason.value}")
         refused = plan.refused
-        if refused:
-            return self._refuse(ErrorTlv.unsupported_tcp_option(refused), "unsupported-option",
-                                f"unsupported TCP options {list(refused)}")
-        self.state = _CONNECTING
-        self.outcome = "connect+info" if self._info else "connect"
-        action = plan.action
-        assert action is not None  # allowed, nothing refused
-        early = self.early_data
-        if early:
-            return OpenUpstream(action.address, action.port, early, action.requested_options)
-        return action  # shared: immutable
+        assert refused  # the plan had no action: the target or an option was refused
+        return self._refuse(ErrorTlv.unsupported_tcp_option(refused), "unsupported-option",
+                            f"unsupported TCP options {list(refused)}")
 
     # -- the one error path -------------------------------------------------
     def _refuse_decoding(self, error: ProtocolError) -> Action:
