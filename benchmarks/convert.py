@@ -45,34 +45,31 @@ MPTCP not used toward a proxy); speed is never pass/fail. ``--profile`` adds
 one c=64 run each of (f) and (c) with py-spy attached to the proxy (not in
 the figures) and prints where each proxy's time goes per connection.
 
-Measured here (Linux 6.18, 2 cores; runs convert-20261126-131346, -131853,
--132505, -132618, -132727): (c)/(f) is 0.98-1.01 at c=1 and 0.86-0.96 at
-c=64 (medians of 3 per run; the last three runs 0.96, 0.86, 0.91). Before
-this work: 0.79 and 0.58-0.63 (run -111303). At
-c=64 the converter is the one process near a full core (~86%), at ~165 us per
-connection (56 us user) against the forwarder's ~138 us (41 us user), so the
-rate ratio follows the CPU ratio. Trimmed so far: codec fast path for the base
-Connect, whose decoded message is also remembered by its 24 bytes; no
-decoder object when the first read holds the whole message; policy and
-target memos keyed by the address object's identity (hashing an ipaddress
-object runs Python); one shared bare confirmation; TCP_INFO after connecting
-only for an extended Connect or SYN data; the reply leaving with the server's
-first bytes in one segment. Same-run A/B against the previous code
-(converter on a second port): -8 to -11 us per connection, ratio 0.81-0.86 ->
-0.86-0.89. What is left, measured with thread CPU clocks and perf: Python the
-forwarder does not run (decode, decide, the sans-IO and session objects:
-7.7 us per connection warm in a loop, against 1.1 us for the forwarder's
-path; two to three times that in the loaded process), three syscalls ``forward`` does not make (TCP_INFO at
-accept for ``tfo=`` and SYN_RECV, the recv of the message, the write of the
-reply into the pipe, ~6 us), and a connect() that costs more in the kernel:
-the final ACK it delivers wakes the conn-server, and the wake-up (an IPI on
-this VM) is dearer the more often the server has gone idle between the
-converter's connects, i.e. the more work the converter does between them.
-The load generators share the cores; (c) clients cost ~10 us more per
-connection (TCP_FASTOPEN_NO_COOKIE, sendto, parsing the reply: what a real
-client does). The relaying itself costs the same in both. 0-RTT does not
-help in this lab: (c) and (c1) cost about the same CPU and a round trip is
-tens of microseconds.
+Measured here (Linux 6.18, 2 cores; runs convert-20261126-150522, -150651,
+-150819): (c)/(f) is 1.01-1.04 at c=1 and 0.83-0.88 at c=64 (medians of 3
+per run); (c0)/(f) is 0.95-0.99 at c=64. At c=64 every proxy runs at 82-85%
+of a core and the rate follows its CPU per connection: forward 132-142 us,
+the floor 139-151, the converter 149-171. So the kernel's share of a
+converter's extra work (the recv of the message, the reply written into the
+pipe in front of the server's bytes) is ~7 us, and the converter's own code
+costs another 10-20 us under load (2-3 times what the same Python costs warm
+in a loop). Parts removed one at a time in same-run A/Bs
+(``benchmarks/convert_ab.py``): the TCP_INFO read at accept ~6 us (kept: it
+finds TFO sockets accepted before the client's third ACK, see
+``dataplane/establish.py``, and gives ``tfo=``); the whole sans-IO handshake,
+decoding and policy included, nothing measurable (a dict from the message's
+bytes to the decided action did no better); the rest is the bookkeeping
+between accept and relay (pending record, per-client count, log fields,
+upstream target). Already trimmed: codec fast path and memo of decoded
+base-Connect messages, looked up from the read's bytes; the policy's answer
+to a Connect remembered per settings (one shared action); policy and target
+memos keyed by object identity; TCP_INFO after connecting only for an
+extended Connect or SYN data; the reply and the server's first bytes in one
+splice. Before this work: 0.79 and 0.58-0.63 (run -111303). The load
+generators share the cores; (c) clients cost ~10 us more per connection
+(TCP_FASTOPEN_NO_COOKIE, sendto, parsing the reply: what a real client does).
+0-RTT does not help in this lab: (c) and (c1) cost about the same CPU and a
+round trip is tens of microseconds.
 
 Also measured: (a)'s MPTCP client sockets, fallen back
 to TCP against the TCP-only server, now and then (about 1 in 30,000) receive
