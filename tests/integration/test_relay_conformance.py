@@ -309,3 +309,54 @@ def test_reset_waiting_at_relay_start_still_delivers_initial_bytes_first(harness
             got += data
     assert info.value.errno in (errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE)
     assert got == b"REPLY"
+
+
+# -- the fallback-close guard (relay.probe_upstream_close) ----------------------------------
+# The kernel trap it guards against (an upstream MPTCP socket fallen back to
+# TCP whose subflow is in CLOSE_WAIT while reads never return EOF) is rare and
+# cannot be produced on demand; the state read is replaced here, the sockets
+# and the relay are real.
+
+@pytest.fixture
+def probing():
+    h = RelayHarness(splice=True, probe_interval=0.05)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def _state_of(sock_to_fake, state):
+    real = relay_mod.tcp_state
+
+    def fake(sock):
+        if sock is sock_to_fake:
+            if isinstance(state, Exception):
+                raise state
+            return state
+        return real(sock)
+    return fake
+
+
+def test_close_wait_without_eof_on_two_probes_ends_the_direction(probing, monkeypatch):
+    client, server, relay = probing.pair(probe=True, server_first=b"hello")
+    assert client.recv(5) == b"hello"
+    monkeypatch.setattr(relay_mod, "tcp_state", _state_of(relay.sb, relay_mod.TCP_CLOSE_WAIT))
+    # The server never closes, yet the client gets the FIN once two probes saw
+    # CLOSE_WAIT with nothing to read.
+    client.settimeout(5)
+    assert client.recv(100) == b""
+    assert relay.ba.eof and relay.ba.shut and not relay.closed
+
+
+@pytest.mark.parametrize("state", [1, OSError(errno.EBADF, "gone")],
+                         ids=["established", "unreadable"])
+def test_probes_that_do_not_see_close_wait_leave_the_connection_alone(probing, monkeypatch,
+                                                                      state):
+    client, server, relay = probing.pair(probe=True)
+    monkeypatch.setattr(relay_mod, "tcp_state", _state_of(relay.sb, state))
+    time.sleep(0.3)  # six probe intervals
+    assert not relay.ba.eof and not relay.closed
+    server.sendall(b"still here")
+    client.settimeout(5)
+    assert client.recv(100) == b"still here"

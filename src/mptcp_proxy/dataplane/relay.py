@@ -40,12 +40,12 @@ from mptcp_proxy.dataplane.pipes import PipePool
 from mptcp_proxy.dataplane.reactor import (
     EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, Reactor, Timer,
 )
+from mptcp_proxy.observe.sockinfo import TCP_CLOSE_WAIT, SockInfoError, tcp_state
 
 log = logging.getLogger(__name__)
 
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 LINGER_ABORT = struct.pack("ii", 1, 0)
-TCP_CLOSE_WAIT = 8
 IPPROTO_MPTCP = 262
 MIN_READ = 16384   # smallest read size: a few pages; FIONREAD may lag the subflows
 PIPE_BUF = select.PIPE_BUF  # a write of at most this into an empty pipe is whole or nothing
@@ -462,7 +462,11 @@ class Relay:
         if self.closed or d.eof or d.blocked or d.in_flight:
             self._probe_strikes = 0
             return
-        if tcp_state(self.sb) != TCP_CLOSE_WAIT:
+        try:
+            state = tcp_state(self.sb)
+        except (OSError, SockInfoError):
+            state = -1   # unreadable: not the trap (an error shows up on the next read)
+        if state != TCP_CLOSE_WAIT:
             self._probe_strikes = 0
             return
         before = d.bytes
@@ -526,10 +530,3 @@ def _queued(fd: int) -> int:
     except OSError:
         return 0
 
-
-def tcp_state(sock: socket.socket) -> int:
-    """TCP state of a socket (of the subflow, on an MPTCP socket that fell back)."""
-    try:
-        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
-    except OSError:
-        return -1
