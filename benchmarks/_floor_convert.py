@@ -4,15 +4,18 @@
 
 Used by ``benchmarks/convert.py`` as scenario (c0). It runs on the same data
 plane as every mode (ProxyServer, Connector, relay) and does what no
-converter can avoid: an MPTCP listener with TCP Fast Open, one read of the
-client's Convert message, an upstream connect, the 4-byte confirmation
-queued in front of the server's bytes (``start_relay(reply=)``, as the real
-converter does), then the relay. It does not decode the message (the target
-is fixed), check policy, read TCP_INFO, keep handshake state or log, so
-(c0)/(f) is the ceiling any converter built on this data plane can reach on
-the machine: it shows how much of the gap to ``forward`` is the converter's
-own code and how much is the kernel's work for the message and the reply.
-Not a product: it answers every client with success whatever it sent.
+converter can avoid on this kernel: an MPTCP listener with TCP Fast Open;
+one TCP_INFO read at accept, to hand a socket accepted before the client's
+third ACK to the EstablishWatcher (without it the reply would never leave
+once the client is further away than the server: ``dataplane/establish.py``);
+one read of the client's Convert message; an upstream connect; the 4-byte
+confirmation queued in front of the server's bytes (``start_relay(reply=)``,
+as the real converter does); the relay. It does not decode the message (the
+target is fixed), check policy, count pending handshakes, keep handshake
+state or log, so (c0)/(f) is the ceiling any converter built on this data
+plane can reach on the machine: it separates the converter's own code from
+the kernel's work for the message and the reply. Not a product: it answers
+every client with success whatever it sent.
 """
 
 from __future__ import annotations
@@ -26,7 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from mptcp_proxy.config import Endpoint, RelayConfig, UpstreamMode  # noqa: E402
 from mptcp_proxy.dataplane.connect import ConnectResult, Connector  # noqa: E402
+from mptcp_proxy.dataplane.establish import EstablishWatcher  # noqa: E402
 from mptcp_proxy.modes.convert import BARE_REPLY  # noqa: E402
+from mptcp_proxy.observe.sockinfo import (  # noqa: E402
+    TCP_SYN_RECV, SockInfoError, tcp_state_and_option_bits,
+)
 from mptcp_proxy.server.base import ProxyServer, Session, open_listener  # noqa: E402
 
 TCP_FASTOPEN = 23
@@ -40,6 +47,7 @@ class FloorConverter(ProxyServer):
     def __init__(self, listen: Endpoint, target: Endpoint) -> None:
         super().__init__(RelayConfig(), log_connections=False)
         self.connector = Connector(self.reactor, UpstreamMode.TCP)
+        self.establish = EstablishWatcher(self.reactor)
         self.family, self.sockaddr = target.resolve("--to")
         listener = open_listener(listen)
         listener.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, 4096)
@@ -47,6 +55,12 @@ class FloorConverter(ProxyServer):
         self.add_listener(listener)
 
     def handle_accept(self, sock: socket.socket, addr: tuple, session: Session) -> None:
+        try:
+            state, _ = tcp_state_and_option_bits(sock)
+        except (OSError, SockInfoError):
+            state = 0
+        if state == TCP_SYN_RECV:
+            self.establish.add(sock)
         try:
             data = sock.recv(READ_SIZE)   # the Convert message, not looked at
         except OSError:
