@@ -91,11 +91,9 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,10 +102,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from mptcp_proxy.lab import Lab, PathSpec  # noqa: E402
+from mptcp_proxy.lab import Lab  # noqa: E402
 from relay import (  # noqa: E402
-    CLI, CLK_TCK, PYTHON, BenchError, Proc, Procs, _format, load_argv, machine_cpu,
-    wait_listening,
+    CLI, CLK_TCK, PYTHON, BenchError, Proc, Procs, _format, begin_run, load_argv,
+    print_footer, progress, release_clients, run_in_lab, run_meta, wait_proxy,
 )
 
 RESULTS_DIR = ROOT / "bench-results"
@@ -122,6 +120,7 @@ FLOOR = str(ROOT / "benchmarks" / "_floor_convert.py")
 SIZE = 1024
 CONN_TIMEOUT = 2.0            # s: a connection given up on (1 SYN retransmit fits)
 FIN_TIMEOUT = 0.25            # s: ... or this long after its last byte without a FIN
+DRAIN_WAIT = 15.0            # s: the converter's drain (10 s) and its stop line
 FIN_MISSED = "fin-missed"     # all 1024 bytes right, the FIN never came (see the notes)
 
 # Kernel counters read around every run: (namespace role, section, name).
@@ -186,11 +185,8 @@ class Bench:
             self.proxies[name] = self.procs.start(lab.proxy, self.argv[name], name)
         for name, port in (("forward", FORWARD_PORT), ("convert", CONVERT_PORT),
                            ("floor", FLOOR_PORT)):
-            p = self.proxies[name]
-            wait_listening(p.pid, port)
-            with open(f"/proc/{p.pid}/cmdline", "rb") as f:
-                if (b"_floor_convert" if name == "floor" else b"mptcp-proxy") not in f.read():
-                    raise BenchError(f"pid {p.pid} is not the proxy itself")
+            wait_proxy(self.proxies[name], port,
+                       b"_floor_convert" if name == "floor" else b"mptcp-proxy")
 
     def connect_to(self, sc: Scenario) -> str:
         if sc.proxy is None:
@@ -221,25 +217,9 @@ class Bench:
             argvs.append(load_argv(*a))
         proxy = self.proxies.get(sc.proxy) if sc.proxy else None
         name = f"{'warm-up ' if warmup else ''}{sc.key} c={concurrency}"
-        clients = [self.procs.start(self.lab.client, argv, f"{name} #{i}", stdin=True)
-                   for i, argv in enumerate(argvs)]
-        try:
-            for c in clients:
-                c.expect("ready", 20)
-            k0 = self.counters()
-            cpu0 = proc_cpu_split(proxy.pid) if proxy else (0.0, 0.0)
-            busy0, total0 = machine_cpu()
-            t0 = time.monotonic()
-            for c in clients:
-                c.tell("go")
-            results = [c.result(duration + 30) for c in clients]
-            wall = time.monotonic() - t0
-            cpu1 = proc_cpu_split(proxy.pid) if proxy else (0.0, 0.0)
-            busy1, total1 = machine_cpu()
-            k1 = self.counters()
-        finally:
-            for c in clients:
-                self.procs.finish(c, timeout=5)
+        results, meter = release_clients(self.procs, self.lab.client, argvs, name,
+                                         duration + 30, lambda: proxy_cpu_readings(proxy),
+                                         self.counters)
         if proxy is not None and proxy.popen.poll() is not None:
             raise BenchError(f"{sc.proxy} exited ({proxy.popen.returncode}){proxy.tail()}")
         errors_by_kind: dict[str, int] = {}
@@ -271,10 +251,7 @@ class Bench:
             "replies": replies, "verdicts": verdicts,
             "fin_lag_max_us": max(r["fin_lag_max_us"] for r in results),
             "fin_lag_over_10ms": sum(r["fin_lag_over_10ms"] for r in results),
-            "wall": wall, "proxy_cpu": (cpu1[0] - cpu0[0]) + (cpu1[1] - cpu0[1]),
-            "proxy_cpu_user": cpu1[0] - cpu0[0],
-            "machine_busy": (busy1 - busy0) / max(1, total1 - total0),
-            "counters": {k: k1[k] - k0[k] for k in k0},
+            **meter,   # wall, proxy_cpu, proxy_cpu_user, machine_busy, counters
         }
 
 
@@ -283,6 +260,12 @@ def proc_cpu_split(pid: int) -> tuple[float, float]:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def proxy_cpu_readings(proxy: Proc | None) -> dict[str, float]:
+    """The proxy's CPU seconds, all and in user mode (0 for no proxy)."""
+    user, system = proc_cpu_split(proxy.pid) if proxy else (0.0, 0.0)
+    return {"proxy_cpu": user + system, "proxy_cpu_user": user}
 
 
 # -- where the proxy's time goes (--profile) -----------------------------------------------
@@ -552,75 +535,61 @@ def main() -> int:
     if os.geteuid() != 0:
         print("convert.py needs root (network namespaces)", file=sys.stderr)
         return 2
-    busy0, total0 = machine_cpu()
-    time.sleep(1.0)
-    busy1, total1 = machine_cpu()
-    busy_before = (busy1 - busy0) / max(1, total1 - total0)
-    started = time.time()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    meta = {"started": stamp, "kernel": platform.release(), "cpus": os.cpu_count(),
-            "loadavg_before": open("/proc/loadavg").read().split()[:3],
-            "machine_busy_before": busy_before, "duration": duration, "repeat": repeat,
-            "conn_procs_c64": args.conn_procs, "parse": args.parse, "size": SIZE,
-            "python": platform.python_version(), "target_ratio_c_f": TARGET_RATIO,
-            "other_labs": sorted({n[:-2] for n in os.listdir("/run/netns")}
-                                 if os.path.isdir("/run/netns") else [])}
+    busy_before, started, stamp = begin_run()
+    meta = run_meta(stamp, machine_busy_before=busy_before, duration=duration, repeat=repeat,
+                    conn_procs_c64=args.conn_procs, parse=args.parse, size=SIZE,
+                    python=platform.python_version(), target_ratio_c_f=TARGET_RATIO)
     if busy_before > 0.10:
         print(f"warning: the machine was {busy_before:.0%} busy before the run: figures "
               "will be low and noisy", file=sys.stderr)
     raw: list[dict] = []
     prof: dict = {}
-    logdir = Path(tempfile.mkdtemp(prefix="convert-bench-"))
-    procs = Procs(logdir)
-    say = lambda msg: print(f"[{time.time() - started:5.1f}s] {msg}", flush=True)  # noqa: E731
-    try:
-        with Lab.create(paths=[PathSpec(rate_mbit=None)]) as lab:
-            meta["lab"] = lab.name
-            bench = Bench(lab, procs, args)
-            try:
-                bench.start()
-                meta["argv"] = bench.argv
-                meta["tcp_fastopen"] = {role: lab.node(role).sysctl("net.ipv4.tcp_fastopen")
-                                        for role in ("client", "proxy", "server")}
-                say(f"lab {lab.name} up; conn-server, forward and convert running")
-                # Warm-up: imports, first allocations, and a check that everything works.
+    say = progress(started)
+
+    def measure(lab: Lab, procs: Procs) -> None:
+        meta["lab"] = lab.name
+        bench = Bench(lab, procs, args)
+        bench.start()
+        meta["argv"] = bench.argv
+        meta["tcp_fastopen"] = {role: lab.node(role).sysctl("net.ipv4.tcp_fastopen")
+                                for role in ("client", "proxy", "server")}
+        say(f"lab {lab.name} up; conn-server, forward and convert running")
+        # Warm-up: imports, first allocations, and a check that everything works.
+        for sc in SCENARIOS:
+            r = bench.run(sc, 8 if 64 in sc.concurrencies else 1, 0.5, 1, warmup=True)
+            say(f"warm-up {sc.key:3s} {r['rate']:6.0f}/s errors {r['errors']} "
+                f"tfo-passive {r['counters'][TFO_PASSIVE]}/{r['connections']}")
+        for rep in range(repeat):
+            for c in (1, 64):
                 for sc in SCENARIOS:
-                    r = bench.run(sc, 8 if 64 in sc.concurrencies else 1, 0.5, 1, warmup=True)
-                    say(f"warm-up {sc.key:3s} {r['rate']:6.0f}/s errors {r['errors']} "
-                        f"tfo-passive {r['counters'][TFO_PASSIVE]}/{r['connections']}")
-                for rep in range(repeat):
-                    for c in (1, 64):
-                        for sc in SCENARIOS:
-                            if c not in sc.concurrencies:
-                                continue
-                            r = bench.run(sc, c, duration, 1 if c == 1 else args.conn_procs)
-                            r["rep"] = rep
-                            raw.append(r)
-                            say(f"rep {rep} {sc.key:3s} c={c:<3d} {r['rate']:6.0f}/s "
-                                f"p50 {pct(r['lat_us'], 0.5)} ttfb {pct(r['ttfb_us'], 0.5)} ms "
-                                f"errors {r['errors']} proxy cpu "
-                                f"{r['proxy_cpu'] / r['wall']:.0%} machine "
-                                f"{r['machine_busy']:.0%} tfo-passive "
-                                f"{r['counters'][TFO_PASSIVE]}/{r['connections']}")
-                if args.profile:
-                    args.results_dir.mkdir(parents=True, exist_ok=True)
-                    for key in ("f", "c"):
-                        out = args.results_dir / f"convert-{stamp}-pyspy-{key}.txt"
-                        prof[key] = profile(bench, BY_KEY[key], duration, args.conn_procs, out)
-                        say(f"profiled {key}: {prof[key]['rate']:.0f}/s under py-spy, "
-                            f"{out.name}")
-                # SIGTERM: the converter logs its own counters as it stops.
-                for line in bench.proxies["convert"].stop().splitlines():
-                    if "convert: stopped;" in line:
-                        meta["converter_stop"] = line.split("convert: stopped;", 1)[1].strip()
-            finally:
-                procs.kill_all()
-    except BenchError as exc:
-        print(f"benchmark failed: {exc}\nprocess logs kept in {logdir}", file=sys.stderr)
+                    if c not in sc.concurrencies:
+                        continue
+                    r = bench.run(sc, c, duration, 1 if c == 1 else args.conn_procs)
+                    r["rep"] = rep
+                    raw.append(r)
+                    say(f"rep {rep} {sc.key:3s} c={c:<3d} {r['rate']:6.0f}/s "
+                        f"p50 {pct(r['lat_us'], 0.5)} ttfb {pct(r['ttfb_us'], 0.5)} ms "
+                        f"errors {r['errors']} proxy cpu "
+                        f"{r['proxy_cpu'] / r['wall']:.0%} machine "
+                        f"{r['machine_busy']:.0%} tfo-passive "
+                        f"{r['counters'][TFO_PASSIVE]}/{r['connections']}")
+        if args.profile:
+            args.results_dir.mkdir(parents=True, exist_ok=True)
+            for key in ("f", "c"):
+                out = args.results_dir / f"convert-{stamp}-pyspy-{key}.txt"
+                prof[key] = profile(bench, BY_KEY[key], duration, args.conn_procs, out)
+                say(f"profiled {key}: {prof[key]['rate']:.0f}/s under py-spy, "
+                    f"{out.name}")
+        # SIGTERM: the converter logs its own counters as it stops (after a
+        # drain of up to its --drain-timeout, 10 s, if a connection is open).
+        for line in bench.proxies["convert"].stop(timeout=DRAIN_WAIT).splitlines():
+            if "convert: stopped;" in line:
+                meta["converter_stop"] = line.split("convert: stopped;", 1)[1].strip()
+        if "converter_stop" not in meta:
+            say(f"the converter did not log its counters within {DRAIN_WAIT:g} s of SIGTERM")
+
+    if not run_in_lab("convert-bench-", measure):
         return 1
-    finally:
-        procs.kill_all()
-    shutil.rmtree(logdir, ignore_errors=True)
 
     res = analyze(raw)
     problems = check(res)
@@ -668,11 +637,7 @@ def main() -> int:
         print()
         print(render_profile(prof))
     print()
-    print(f"took {meta['seconds']:.0f} s; machine {busy_before:.0%} busy in the second before; "
-          f"load average before {' '.join(meta['loadavg_before'])}"
-          + (f"; other labs present at start: {', '.join(meta['other_labs'])}"
-             if meta["other_labs"] else ""))
-    print(f"results: {path}")
+    print_footer(meta, path)
     for p in problems:
         print(f"PROBLEM: {p}")
     return 1 if problems else 0

@@ -55,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -291,6 +292,109 @@ def wait_listening(pid: int, port: int, timeout: float = 10.0) -> None:
     raise BenchError(f"nothing listens on port {port} in the namespace of pid {pid}")
 
 
+def wait_proxy(proc: Proc, port: int, marker: bytes = b"mptcp-proxy") -> None:
+    """Until ``proc`` listens on ``port``; and its pid must be the proxy itself
+    (``marker`` in its command line), not a wrapper: its CPU is read from /proc."""
+    wait_listening(proc.pid, port)
+    with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+        if marker not in f.read():
+            raise BenchError(f"pid {proc.pid} is not the proxy itself")
+
+
+# -- load generators, released together -------------------------------------------------
+
+def release_clients(procs: Procs, node, argvs: list[list[str]], name: str, timeout: float,
+                    proxy_cpu: Callable[[], dict[str, float]],
+                    counters: Callable[[], dict[str, int]]) -> tuple[list[dict], dict]:
+    """Start clients in ``node``, release them together, collect their JSON lines.
+
+    Returns (results, meter) where meter has the wall time, the growth of each
+    of ``proxy_cpu()``'s readings (CPU seconds), the machine CPU busy fraction
+    over the run, and the growth of each of ``counters()`` (read outside the
+    timed span).
+    """
+    clients = [procs.start(node, argv, f"{name} #{i}", stdin=True)
+               for i, argv in enumerate(argvs)]
+    try:
+        for c in clients:
+            c.expect("ready", 20)
+        counters0 = counters()
+        cpu0 = proxy_cpu()
+        busy0, total0 = machine_cpu()
+        t0 = time.monotonic()
+        for c in clients:
+            c.tell("go")
+        results = [c.result(timeout) for c in clients]
+        wall = time.monotonic() - t0
+        cpu1 = proxy_cpu()
+        busy1, total1 = machine_cpu()
+        counters1 = counters()
+    finally:
+        for c in clients:
+            procs.finish(c, timeout=5)
+    meter = {"wall": wall, **{k: cpu1[k] - cpu0[k] for k in cpu0},
+             "machine_busy": (busy1 - busy0) / max(1, total1 - total0),
+             "counters": {k: counters1[k] - counters0[k] for k in counters0}}
+    return results, meter
+
+
+# -- a run: start, lab, end --------------------------------------------------------------
+
+def begin_run() -> tuple[float, float, str]:
+    """How busy the machine is over one second, then the clock starts:
+    (busy fraction, start time, the run's time stamp)."""
+    busy0, total0 = machine_cpu()
+    time.sleep(1.0)
+    busy1, total1 = machine_cpu()
+    busy_before = (busy1 - busy0) / max(1, total1 - total0)
+    return busy_before, time.time(), time.strftime("%Y%m%d-%H%M%S")
+
+
+def run_meta(stamp: str, **fields: object) -> dict:
+    """A results file's "meta": the machine and its load, ``fields``, other labs present."""
+    return {"started": stamp, "kernel": platform.release(), "cpus": os.cpu_count(),
+            "loadavg_before": open("/proc/loadavg").read().split()[:3], **fields,
+            "other_labs": sorted({n[:-2] for n in os.listdir("/run/netns")}
+                                 if os.path.isdir("/run/netns") else [])}
+
+
+def progress(started: float) -> Callable[[str], None]:
+    """A printer of progress lines stamped with the seconds since ``started``."""
+    def say(msg: str) -> None:
+        print(f"[{time.time() - started:5.1f}s] {msg}", flush=True)
+    return say
+
+
+def run_in_lab(logs_prefix: str, measure: Callable[[Lab, Procs], None]) -> bool:
+    """``measure(lab, procs)`` in a lab with one unshaped path; every process it
+    started is killed before the lab goes. False if it raised BenchError: that
+    is said on stderr, and the processes' logs are kept."""
+    logdir = Path(tempfile.mkdtemp(prefix=logs_prefix))
+    procs = Procs(logdir)
+    try:
+        with Lab.create(paths=[PathSpec(rate_mbit=None)]) as lab:
+            try:
+                measure(lab, procs)
+            finally:
+                procs.kill_all()
+    except BenchError as exc:
+        print(f"benchmark failed: {exc}\nprocess logs kept in {logdir}", file=sys.stderr)
+        return False
+    finally:
+        procs.kill_all()
+    shutil.rmtree(logdir, ignore_errors=True)
+    return True
+
+
+def print_footer(meta: dict, path: Path) -> None:
+    """The report's last lines: the run's length and load, where its results went."""
+    print(f"took {meta['seconds']:.0f} s; machine {meta['machine_busy_before']:.0%} busy in "
+          f"the second before; load average before {' '.join(meta['loadavg_before'])}"
+          + (f"; other labs present at start: {', '.join(meta['other_labs'])}"
+             if meta["other_labs"] else ""))
+    print(f"results: {path}")
+
+
 # -- the benchmark ---------------------------------------------------------------------
 
 @dataclass
@@ -333,43 +437,20 @@ def start_everything(setup: Setup) -> None:
                         f"proxy {service} {upstream}")
         setup.proxies[(service, upstream)] = p
     for (service, upstream), port in PROXY_PORT.items():
-        p = setup.proxies[(service, upstream)]
-        wait_listening(p.pid, port)
-        with open(f"/proc/{p.pid}/cmdline", "rb") as f:
-            if b"mptcp-proxy" not in f.read():
-                raise BenchError(f"pid {p.pid} is not the proxy itself")
+        wait_proxy(setup.proxies[(service, upstream)], port)
 
 
 def run_clients(setup: Setup, argvs: list[list[str]], name: str, timeout: float,
                 proxy: Proc | None) -> tuple[list[dict], dict]:
     """Start clients, release them together, collect their JSON lines.
 
-    Returns (results, meter) where meter has wall time, proxy CPU seconds and
-    machine CPU busy fraction over the run.
+    Returns (results, meter) where meter has wall time, proxy CPU seconds,
+    machine CPU busy fraction and the kernel COUNTERS over the run.
     """
-    clients = [setup.procs.start(setup.lab.client, argv, f"{name} #{i}", stdin=True)
-               for i, argv in enumerate(argvs)]
-    try:
-        for c in clients:
-            c.expect("ready", 20)
-        counters0 = kernel_counters(setup.lab)
-        cpu0 = proc_cpu_seconds(proxy.pid) if proxy else 0.0
-        busy0, total0 = machine_cpu()
-        t0 = time.monotonic()
-        for c in clients:
-            c.tell("go")
-        results = [c.result(timeout) for c in clients]
-        wall = time.monotonic() - t0
-        cpu1 = proc_cpu_seconds(proxy.pid) if proxy else 0.0
-        busy1, total1 = machine_cpu()
-        counters1 = kernel_counters(setup.lab)
-    finally:
-        for c in clients:
-            setup.procs.finish(c, timeout=5)
-    meter = {"wall": wall, "proxy_cpu": cpu1 - cpu0,
-             "machine_busy": (busy1 - busy0) / max(1, total1 - total0),
-             "counters": {k: counters1[k] - counters0[k] for k in counters0}}
-    return results, meter
+    return release_clients(
+        setup.procs, setup.lab.client, argvs, name, timeout,
+        lambda: {"proxy_cpu": proc_cpu_seconds(proxy.pid) if proxy else 0.0},
+        lambda: kernel_counters(setup.lab))
 
 
 def bulk(setup: Setup, sc: Scenario, op: str, streams: int, duration: float,
@@ -581,78 +662,61 @@ def main() -> int:
         return 2
     # Everything shares 2 cores with whatever else runs here, and MPTCP bulk
     # collapses under CPU contention (module docstring): record how busy we found it.
-    busy0, total0 = machine_cpu()
-    time.sleep(1.0)
-    busy1, total1 = machine_cpu()
-    busy_before = (busy1 - busy0) / max(1, total1 - total0)
-    started = time.time()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    meta = {"started": stamp, "kernel": platform.release(), "cpus": os.cpu_count(),
-            "loadavg_before": open("/proc/loadavg").read().split()[:3],
-            "duration": duration, "repeat": args.repeat, "quick": args.quick,
-            "integrity_bytes": integrity_volume, "idle_conns": args.idle_conns,
-            "conn_procs_c64": args.conn_procs, "python": platform.python_version(),
-            "rps": args.rps, "machine_busy_before": busy_before,
-            "other_labs": sorted({n[:-2] for n in os.listdir("/run/netns")}
-                                 if os.path.isdir("/run/netns") else [])}
+    busy_before, started, stamp = begin_run()
+    meta = run_meta(stamp, duration=duration, repeat=args.repeat, quick=args.quick,
+                    integrity_bytes=integrity_volume, idle_conns=args.idle_conns,
+                    conn_procs_c64=args.conn_procs, python=platform.python_version(),
+                    rps=args.rps, machine_busy_before=busy_before)
     raw: dict = {"bulk": [], "integrity": [], "conn": [], "idle": []}
     if busy_before > 0.10:
         print(f"warning: the machine was {busy_before:.0%} busy before the run (other "
               f"processes, labs {', '.join(meta['other_labs']) or 'none'}): figures will be "
               "low and noisy, MPTCP bulk most of all", file=sys.stderr)
-    logdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
-    procs = Procs(logdir)
-    try:
-        with Lab.create(paths=[PathSpec(rate_mbit=None)]) as lab:
-            meta["lab"] = lab.name
-            setup = Setup(lab, procs)
-            try:
-                if args.rps:
-                    enable_rps(lab)
-                start_everything(setup)
-                say = lambda msg: print(f"[{time.time() - started:5.1f}s] {msg}", flush=True)  # noqa: E731
-                say(f"lab {lab.name} up; servers and 6 proxies running")
-                # 1. Integrity (also warms every path up).
-                for sc in SCENARIOS:
-                    for op in ("up", "down"):
-                        r = bulk(setup, sc, op, 1, duration, volume=integrity_volume, seed=7)
-                        raw["integrity"].append(r)
-                        say(f"integrity {sc.key:6s} {op:4s} sha_ok={r['sha_ok']} "
-                            f"{r['gbps']:.2f} Gbit/s")
-                # 2. Bulk, single stream repeated, then 8 streams; interleaved.
-                plan = [(1, rep) for rep in range(args.repeat)] + [(8, 0)]
-                for streams, rep in plan:
-                    for op in ("up", "down"):
-                        for sc in SCENARIOS + (CONTROLS if streams == 1 else ()):
-                            r = bulk(setup, sc, op, streams, duration)
-                            r["rep"] = rep
-                            raw["bulk"].append(r)
-                            say(f"bulk {sc.key:10s} {op:4s} x{streams} {r['gbps']:6.2f} Gbit/s "
-                                f"proxy cpu {r['proxy_cpu'] / r['wall']:4.0%} "
-                                f"machine {r['machine_busy']:4.0%} mptcp-rtx "
-                                f"{r['counters']['MPTcpExt.MPTCPRetrans']}")
-                # 3. Connection rate.
-                for c in (1, 64):
-                    for sc in SCENARIOS:
-                        r = connrate(setup, sc, c, duration, 1 if c == 1 else args.conn_procs)
-                        raw["conn"].append(r)
-                        say(f"conn {sc.key:10s} c={c:<3d} {r['rate']:7.0f}/s "
-                            f"p50 {r['p50_ms']} p99 {r['p99_ms']} ms errors {r['errors']} "
-                            f"proxy cpu {r['proxy_cpu'] / r['wall']:.0%}")
-                # 4. Idle connections (proxies only).
-                for sc in SCENARIOS[1:]:
-                    r = idle(setup, sc, args.idle_conns)
-                    raw["idle"].append(r)
-                    say(f"idle {sc.key:10s} {r['established']} held, "
-                        f"{r['kib_per_conn']:.2f} KiB/conn, proxy fds {r['fds_after']}")
-            finally:
-                procs.kill_all()
-    except BenchError as exc:
-        print(f"benchmark failed: {exc}\nprocess logs kept in {logdir}", file=sys.stderr)
+    say = progress(started)
+
+    def measure(lab: Lab, procs: Procs) -> None:
+        meta["lab"] = lab.name
+        setup = Setup(lab, procs)
+        if args.rps:
+            enable_rps(lab)
+        start_everything(setup)
+        say(f"lab {lab.name} up; servers and 6 proxies running")
+        # 1. Integrity (also warms every path up).
+        for sc in SCENARIOS:
+            for op in ("up", "down"):
+                r = bulk(setup, sc, op, 1, duration, volume=integrity_volume, seed=7)
+                raw["integrity"].append(r)
+                say(f"integrity {sc.key:6s} {op:4s} sha_ok={r['sha_ok']} "
+                    f"{r['gbps']:.2f} Gbit/s")
+        # 2. Bulk, single stream repeated, then 8 streams; interleaved.
+        plan = [(1, rep) for rep in range(args.repeat)] + [(8, 0)]
+        for streams, rep in plan:
+            for op in ("up", "down"):
+                for sc in SCENARIOS + (CONTROLS if streams == 1 else ()):
+                    r = bulk(setup, sc, op, streams, duration)
+                    r["rep"] = rep
+                    raw["bulk"].append(r)
+                    say(f"bulk {sc.key:10s} {op:4s} x{streams} {r['gbps']:6.2f} Gbit/s "
+                        f"proxy cpu {r['proxy_cpu'] / r['wall']:4.0%} "
+                        f"machine {r['machine_busy']:4.0%} mptcp-rtx "
+                        f"{r['counters']['MPTcpExt.MPTCPRetrans']}")
+        # 3. Connection rate.
+        for c in (1, 64):
+            for sc in SCENARIOS:
+                r = connrate(setup, sc, c, duration, 1 if c == 1 else args.conn_procs)
+                raw["conn"].append(r)
+                say(f"conn {sc.key:10s} c={c:<3d} {r['rate']:7.0f}/s "
+                    f"p50 {r['p50_ms']} p99 {r['p99_ms']} ms errors {r['errors']} "
+                    f"proxy cpu {r['proxy_cpu'] / r['wall']:.0%}")
+        # 4. Idle connections (proxies only).
+        for sc in SCENARIOS[1:]:
+            r = idle(setup, sc, args.idle_conns)
+            raw["idle"].append(r)
+            say(f"idle {sc.key:10s} {r['established']} held, "
+                f"{r['kib_per_conn']:.2f} KiB/conn, proxy fds {r['fds_after']}")
+
+    if not run_in_lab("relay-bench-", measure):
         return 1
-    finally:
-        procs.kill_all()
-    shutil.rmtree(logdir, ignore_errors=True)
 
     res = analyze(raw)
     meta["seconds"] = time.time() - started
@@ -673,11 +737,7 @@ def main() -> int:
     print()
     print(render_controls(res))
     print()
-    print(f"took {meta['seconds']:.0f} s; machine {busy_before:.0%} busy in the second before; "
-          f"load average before {' '.join(meta['loadavg_before'])}"
-          + (f"; other labs present at start: {', '.join(meta['other_labs'])}"
-             if meta["other_labs"] else ""))
-    print(f"results: {path}")
+    print_footer(meta, path)
     ok = all(r["sha_ok"] for r in raw["integrity"])
     for k in ("direct", "tcp", "mptcp"):
         got, total = res["mptcp"][k]["client"]

@@ -12,9 +12,9 @@ import pytest
 from mptcp_proxy.lab import Lab, PathSpec
 from mptcp_proxy.wire.convert import ConvertErrorCode
 from tests.support.convert_env import (
-    DOWN, SERVER_PORT, ConvertEnv, expect_error, read_reply, recv_all, request, tfo_send,
-    wait_for,
+    DOWN, SERVER_PORT, ConvertEnv, expect_error, read_reply, request, tfo_send,
 )
+from tests.support.lab_env import recv_all, wait_for
 from tests.support.proc import CliProcess
 from tests.support.servers import HashServer
 from tests.support.traffic import payload, sha256

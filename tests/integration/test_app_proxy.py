@@ -19,14 +19,17 @@ import time
 
 import pytest
 
-from mptcp_proxy.config import Endpoint, RelayConfig
+from mptcp_proxy.config import RelayConfig
 from mptcp_proxy.config_app_proxy import AppProxyConfig, Credentials
-from mptcp_proxy.lab import Lab, PathSpec
+from mptcp_proxy.lab import Lab
 from mptcp_proxy.modes.app_proxy import HTTP_CONNECT, SOCKS5
 from mptcp_proxy.modes.policy import parse_networks
 from mptcp_proxy.modes.transparent import PortSet
 from mptcp_proxy.server.app_proxy import AppProxyServer
-from tests.support.convert_env import conn_log, log_lines, recv_all, wait_for  # noqa: F401
+from tests.support.lab_env import (  # noqa: F401  (conn_log is a fixture)
+    MPTCP_SERVER_PORT, SERVER_PORT, GoodClientBase, LabEnv, conn_log, lab_env, log_lines,
+    recv_all, relay_rest, wait_for,
+)
 from tests.support.servers import HashServer, ProxyRunner, silent_upstream
 from tests.support.traffic import payload, sha256
 
@@ -35,9 +38,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
 ]
 
-IPPROTO_MPTCP = 262
-SERVER_PORT = 9000
-MPTCP_SERVER_PORT = 9001
 DOWN = payload(300_000, 41)
 DEADLINE = 1.5
 
@@ -58,12 +58,9 @@ class FakeResolver:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known") from None
 
 
-class AppEnv:
+class AppEnv(LabEnv):
     def __init__(self, lab: Lab, tcp: HashServer, mp: HashServer) -> None:
-        self.lab = lab
-        self.tcp_server = tcp
-        self.mptcp_server = mp
-        self.runners: list[ProxyRunner] = []
+        super().__init__(lab, tcp, mp)
         self.resolver = FakeResolver({
             "server.lab.example": lab.server_addr,
             "loop.lab.example": "127.0.0.1",
@@ -73,42 +70,16 @@ class AppEnv:
         })
 
     def start(self, protocol: str, **kw) -> ProxyRunner:
-        k = self.lab.server_addr.split(".")[1]
-        kw.setdefault("listen", Endpoint(self.lab.paths[0].proxy_addr, 0))
-        kw.setdefault("allow_targets", parse_networks([f"10.{k}.0.0/16", "fd00::/8"], "t"))
-        kw.setdefault("relay", RelayConfig(connect_timeout=3))
+        self.defaults(kw)
         kw.setdefault("handshake_timeout", DEADLINE)
         config = AppProxyConfig(protocol=protocol, **kw)
-        with self.lab.proxy.enter():
-            server = AppProxyServer(config, resolver=self.resolver).start()
-        runner = ProxyRunner(server, netns=self.lab.proxy.ns).start()
-        self.runners.append(runner)
-        return runner
-
-    def client(self, mptcp: bool = True, timeout: float = 10.0) -> socket.socket:
-        with self.lab.client.enter():
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM,
-                                 IPPROTO_MPTCP if mptcp else 0)
-        sock.settimeout(timeout)
-        return sock
+        return self.run(lambda: AppProxyServer(config, resolver=self.resolver).start())
 
 
 @pytest.fixture(scope="module")
 def env():
-    with Lab.create(paths=[PathSpec(), PathSpec()]) as lab:
-        with lab.server.enter():
-            tcp = HashServer(lab.server_addr, mptcp=False, port=SERVER_PORT,
-                             reply_fn=lambda i: DOWN)
-            mp = HashServer(lab.server_addr, mptcp=True, port=MPTCP_SERVER_PORT,
-                            reply_fn=lambda i: DOWN)
-        e = AppEnv(lab, tcp, mp)
-        try:
-            yield e
-        finally:
-            for r in e.runners:
-                r.stop()
-            tcp.close()
-            mp.close()
+    with lab_env(AppEnv, DOWN, paths=2) as e:
+        yield e
 
 
 @pytest.fixture(params=[SOCKS5, HTTP_CONNECT])
@@ -205,53 +176,26 @@ def tunnel(env: AppEnv, addr: tuple, protocol: str, host: str, port: int, up: by
             sock.sendall(http_request(host, port, extra) + pipelined)
             status, head = http_reply(sock)
             assert status == 200, head
-        if replied is not None:
-            replied.set()
-        if hold is not None:
-            assert hold.wait(20), "the bad client never finished"
-        sender = threading.Thread(target=lambda: (sock.sendall(up),
-                                                  sock.shutdown(socket.SHUT_WR)))
-        sender.start()
-        down = recv_all(sock)
-        sender.join(20)
+        down = relay_rest(sock, up, replied=replied, hold=hold)
     return down
 
 
-class GoodClient:
+class GoodClient(GoodClientBase):
     """A client mid-transfer while a bad one is handled; verified by ``check()``."""
 
     def __init__(self, env: AppEnv, addr: tuple, protocol: str, seed: int = 9,
                  auth: tuple[str, str] | None = None) -> None:
-        self.env = env
         self.auth = auth
-        self.up = payload(200_000, seed)
-        self.replied = threading.Event()
-        self.hold = threading.Event()
-        self.down: bytes | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(addr, protocol), daemon=True)
-        self.thread.start()
-        if not self.replied.wait(10):
-            self.hold.set()
-            raise AssertionError(f"good client got no reply: {self.error!r}")
+        super().__init__(env, payload(200_000, seed), addr, protocol)
 
-    def _run(self, addr: tuple, protocol: str) -> None:
-        try:
-            self.down = tunnel(self.env, addr, protocol, self.env.lab.server_addr,
-                               SERVER_PORT, self.up, replied=self.replied, hold=self.hold,
-                               auth=self.auth)
-        except BaseException as exc:
-            self.error = exc
-            self.replied.set()
+    def transfer(self, addr: tuple, protocol: str) -> bytes:
+        return tunnel(self.env, addr, protocol, self.env.lab.server_addr, SERVER_PORT,
+                      self.up, replied=self.replied, hold=self.hold, auth=self.auth)
 
     def check(self) -> None:
-        self.hold.set()
-        self.thread.join(30)
-        if self.error is not None:
-            raise self.error
-        assert self.down is not None and sha256(self.down) == sha256(DOWN)
-        want = (sha256(self.up), len(self.up))
-        wait_for(lambda: want in self.env.tcp_server.received, 10, "server got good bytes")
+        down = self.finish()
+        assert down is not None and sha256(down) == sha256(DOWN)
+        self.wait_uploaded()
 
 
 def bad_client(env: AppEnv, runner: ProxyRunner, protocol: str, data: bytes,

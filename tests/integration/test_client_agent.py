@@ -17,7 +17,7 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
@@ -25,12 +25,12 @@ from mptcp_proxy.config import Endpoint, RelayConfig
 from mptcp_proxy.config_convert import ConvertConfig
 from mptcp_proxy.errors import KernelError
 from mptcp_proxy.kernel.nft import nft, table_exists
-from mptcp_proxy.lab import Lab, PathSpec
 from mptcp_proxy.lab.traffic import SinkServer
 from mptcp_proxy.modes.client_agent import DEFAULT_TABLE, TABLE_FAMILY, parse_captures
 from mptcp_proxy.modes.policy import parse_networks
 from mptcp_proxy.server.agent import AgentConfig, ClientAgent
 from mptcp_proxy.server.convert import ConvertServer
+from tests.support.lab_env import MPTCP_SERVER_PORT, SERVER_PORT, LabEnv, lab_env, recv_all
 from tests.support.servers import HashServer, ProxyRunner
 from tests.support.traffic import payload, sha256
 
@@ -39,8 +39,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
 ]
 
-SERVER_PORT = 9000
-MPTCP_SERVER_PORT = 9001
 SINK_PORT = 9002                 # reads to EOF, then answers with the SHA-256 and count
 CLOSED_PORT = 9009               # nothing listens: the server answers RST
 DOWN = payload(200_000, 91)      # what every server sends on each connection
@@ -52,12 +50,8 @@ SECRET = b"agent-test-secret-0123456789"
 # --------------------------------------------------------------------------
 
 @dataclass
-class AgentEnv:
-    lab: Lab
-    tcp_server: HashServer
-    mptcp_server: HashServer
-    converter: ProxyRunner
-    runners: list[ProxyRunner] = field(default_factory=list)
+class AgentEnv(LabEnv):
+    converter: ProxyRunner = None  # type: ignore[assignment]  # set by the env fixture
 
     @property
     def k(self) -> str:
@@ -78,15 +72,9 @@ class AgentEnv:
 
     def start_converter(self, **kw) -> ProxyRunner:
         allowed = parse_networks([f"10.{self.k}.254.0/24", f"fd00:{self.k}:254::/64"], "t")
-        kw.setdefault("listen", Endpoint(self.lab.paths[0].proxy_addr, 0))
         kw.setdefault("allow_targets", allowed)
         kw.setdefault("tfo_no_cookie", True)
-        kw.setdefault("relay", RelayConfig(connect_timeout=3))
-        with self.lab.proxy.enter():
-            server = ConvertServer(ConvertConfig(**kw)).start()
-        runner = ProxyRunner(server, netns=self.lab.proxy.ns).start()
-        self.runners.append(runner)
-        return runner
+        return self.run(lambda: ConvertServer(ConvertConfig(**self.defaults(kw))).start())
 
     def start_agent(self, *, converters=None, resolver=None, **kw) -> ProxyRunner:
         if converters is None:
@@ -136,21 +124,12 @@ def fake_resolver(env: AgentEnv):
 
 @pytest.fixture(scope="module")
 def env():
-    with Lab.create(paths=[PathSpec(), PathSpec()]) as lab:
-        with lab.server.enter():
-            tcp = HashServer("::", mptcp=False, port=SERVER_PORT, reply_fn=lambda i: DOWN)
-            mp = HashServer(lab.server_addr, mptcp=True, port=MPTCP_SERVER_PORT,
-                            reply_fn=lambda i: DOWN)
-        sink = SinkServer(lab.server, lab.server_addr, SINK_PORT)
-        e = AgentEnv(lab, tcp, mp, converter=None)  # type: ignore[arg-type]
-        e.converter = e.start_converter()
+    with lab_env(AgentEnv, DOWN, paths=2, tcp_host="::") as e:
+        sink = SinkServer(e.lab.server, e.lab.server_addr, SINK_PORT)
         try:
+            e.converter = e.start_converter()
             yield e
         finally:
-            for runner in list(e.runners):
-                runner.stop()
-            tcp.close()
-            mp.close()
             sink.close()
 
 
@@ -175,15 +154,6 @@ def wait_received(server: HashServer, data: bytes, timeout: float = 10.0) -> Non
     while want not in server.received:
         assert time.monotonic() < deadline, f"server never received {want}"
         time.sleep(0.01)
-
-
-def recv_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while True:
-        data = sock.recv(1 << 16)
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
 
 
 def exchange(sock: socket.socket, up: bytes) -> bytes:

@@ -21,9 +21,12 @@ import pytest
 from mptcp_proxy.config import Endpoint
 from mptcp_proxy.modes.convert import CookieAuthority
 from mptcp_proxy.wire.convert import ConvertMessage, InfoTlv, TcpOption, TcpOptionKind
-from tests.support.convert_env import (  # noqa: F401  (env and conn_log are fixtures)
-    DOWN, E, MPTCP_OPTION, SERVER_PORT, TCP_FASTOPEN, conn_log, env, expect_error,
-    log_lines, read_reply, recv_all, request, tfo_send, transfer, wait_for,
+from tests.support.convert_env import (  # noqa: F401  (env is a fixture)
+    DOWN, E, MPTCP_OPTION, SERVER_PORT, TCP_FASTOPEN, env, expect_error, read_reply,
+    request, tfo_send, transfer,
+)
+from tests.support.lab_env import (  # noqa: F401  (conn_log is a fixture)
+    conn_log, log_lines, recv_all, wait_for,
 )
 from tests.support.servers import HashServer
 from tests.support.traffic import payload, sha256

@@ -28,19 +28,21 @@ from mptcp_proxy.wire.convert import (
     InfoTlv,
     TcpOption,
 )
-from tests.support.convert_env import (  # noqa: F401  (env and conn_log are fixtures)
-    conn_log,
+from tests.support.convert_env import (  # noqa: F401  (env is a fixture)
     env,
     DOWN,
     SERVER_PORT,
     ConvertEnv,
     GoodClient,
     expect_error,
-    log_lines,
     read_reply,
-    recv_all,
     request,
     tfo_send,
+)
+from tests.support.lab_env import (  # noqa: F401  (conn_log is a fixture)
+    conn_log,
+    log_lines,
+    recv_all,
     wait_for,
 )
 from tests.support.servers import silent_upstream

@@ -5,8 +5,9 @@ from __future__ import annotations
 import socket
 
 from tests.support.convert_env import (  # noqa: F401  (env is a fixture)
-    DOWN, TCP_FASTOPEN, env, read_reply, recv_all, request, tfo_send,
+    DOWN, TCP_FASTOPEN, env, read_reply, request, tfo_send,
 )
+from tests.support.lab_env import recv_all
 from tests.support.servers import HashServer
 from tests.support.traffic import payload, sha256
 
