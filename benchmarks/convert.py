@@ -45,17 +45,18 @@ MPTCP not used toward a proxy); speed is never pass/fail. ``--profile`` adds
 one c=64 run each of (f) and (c) with py-spy attached to the proxy (not in
 the figures) and prints where each proxy's time goes per connection.
 
-Measured here (Linux 6.18, 2 cores; runs convert-20261126-150522, -150651,
--150819): (c)/(f) is 1.01-1.04 at c=1 and 0.83-0.88 at c=64 (medians of 3
-per run); (c0)/(f) is 0.95-0.99 at c=64. At c=64 every proxy runs at 82-85%
-of a core and the rate follows its CPU per connection: forward 132-142 us,
-the floor 139-151, the converter 149-171. So the kernel's share of a
-converter's extra work (the recv of the message, the reply written into the
-pipe in front of the server's bytes) is ~7 us, and the converter's own code
-costs another 10-20 us under load (2-3 times what the same Python costs warm
-in a loop). Parts removed one at a time in same-run A/Bs
-(``benchmarks/convert_ab.py``): the TCP_INFO read at accept ~6 us (kept: it
-finds TFO sockets accepted before the client's third ACK, see
+Measured here (Linux 6.18, 2 cores; runs convert-20261126-152728, -152857,
+-153026): (c)/(f) is 0.98-1.03 at c=1 and 0.86-0.93 at c=64 (medians of 3
+per run; eight runs of the same code: 0.82-0.93, median 0.87); (c0)/(f) is
+0.95-1.03 at c=64. At c=64 every proxy runs at 82-85% of a core and the rate
+follows its CPU per connection: forward 136-144 us, the floor 143-150, the
+converter 160-165. So the kernel's share of a converter's extra work
+(TCP_INFO, the recv of the message, the reply written into the pipe in front
+of the server's bytes) is ~7 us, and the converter's own code costs another
+6-22 us under load (2-3 times what the same Python costs warm in a loop).
+Parts removed one at a time in same-run A/Bs
+(``benchmarks/convert_ab.py``): the TCP_INFO read at accept ~1-6 us (kept:
+it finds TFO sockets accepted before the client's third ACK, see
 ``dataplane/establish.py``, and gives ``tfo=``); the whole sans-IO handshake,
 decoding and policy included, nothing measurable (a dict from the message's
 bytes to the decided action did no better); the rest is the bookkeeping
