@@ -454,6 +454,48 @@ def test_one_handshake_deadline_for_a_silent_converter_and_a_dripping_client(env
         silent.close()
 
 
+def test_lookups_of_timed_out_socks5_clients_are_cancelled(env):
+    """Eight slow names, each answered at the handshake deadline; the lookups
+    not yet started are cancelled, so a later client's lookup runs as soon as
+    one of the 4 resolver threads is free instead of behind all eight."""
+    started_lookups: list[str] = []
+    quick = fake_resolver(env)
+
+    def resolve(name: str, port: int) -> list[str]:
+        started_lookups.append(name)
+        if name.startswith("slow"):
+            time.sleep(2.0)
+        return quick(name, port)
+
+    runner = env.start_agent(resolver=resolve, handshake_timeout=0.5)
+    try:
+        first_sent = time.monotonic()
+        slow = []
+        for i in range(8):
+            sock = env.socket(v6=False)
+            sock.connect(socks_addr(runner))
+            sock.sendall(b"\x05\x01\x00" + socks_request(f"slow{i}.test", SERVER_PORT))
+            slow.append(sock)
+        for sock in slow:
+            with sock:
+                assert read_exactly(sock, 2) == b"\x05\x00"
+                rep, _ = read_socks_reply(sock)
+                assert rep == 1  # general SOCKS server failure
+        reasons = [c.reason for c in closed_sessions(runner, 8)]
+        assert reasons == ["handshake-timeout"] * 8
+        # The four running lookups end 2 s after they began; the four queued
+        # ones never start (uncancelled, they would hold the threads 2 s more
+        # and this client's lookup would outlive its 0.5 s deadline).
+        time.sleep(max(0.0, first_sent + 2.2 - time.monotonic()))
+        sock, rep = socks_open(env, socks_addr(runner), "server.test", SERVER_PORT)
+        with sock:
+            assert rep == 0
+            assert exchange(sock, b"after") == DOWN
+        assert sorted(started_lookups) == ["server.test"] + [f"slow{i}.test" for i in range(4)]
+    finally:
+        env.stop(runner)
+
+
 def test_an_unreachable_converter_is_skipped_then_avoided(env):
     dead = Endpoint(env.lab.paths[0].proxy_addr, 1)  # nothing listens: refused
     runner = env.start_agent(converters=(dead, Endpoint(*env.converter_addr)))

@@ -61,7 +61,7 @@ from mptcp_proxy.config import Endpoint, RelayConfig, UpstreamMode
 from mptcp_proxy.dataplane.connect import ConnectResult, Connector, PendingConnect
 from mptcp_proxy.dataplane.reactor import EPOLLIN, EPOLLOUT, Reactor
 from mptcp_proxy.dataplane.relay import LINGER_ABORT
-from mptcp_proxy.dataplane.resolve import AsyncResolver, Resolver, ResolverBusy
+from mptcp_proxy.dataplane.resolve import AsyncResolver, Lookup, Resolver, ResolverBusy
 from mptcp_proxy.errors import ConfigError, KernelError
 from mptcp_proxy.kernel import netns
 from mptcp_proxy.kernel.nft import NftTable, check_name
@@ -290,7 +290,7 @@ class _Conn(Handshaking):
 
     __slots__ = ("kind", "target", "early", "socks", "connect", "conv", "conv_fd", "handshake",
                  "to_converter", "converter_tries", "converter_index", "cookie_retried",
-                 "tried_direct", "last_error", "name")
+                 "tried_direct", "last_error", "name", "lookup")
 
     def __init__(self, app: socket.socket, session: Session, kind: str, started: float) -> None:
         # No per-client limit here: every client counts under one key.
@@ -311,6 +311,7 @@ class _Conn(Handshaking):
         self.tried_direct = False
         self.last_error = ""              # the last converter failure, for the final reason
         self.name: str | None = None      # SOCKS5 domain name, when one was given
+        self.lookup: Lookup | None = None  # the name lookup in flight
 
 
 # --------------------------------------------------------------------------
@@ -585,13 +586,14 @@ class ClientAgent(HandshakeServer):
     def _resolve(self, conn: _Conn, name: str, port: int) -> None:
         conn.state = _RESOLVING
         try:
-            self.resolver.resolve(
+            conn.lookup = self.resolver.resolve(
                 name, port, lambda addresses, error: self._resolved(conn, addresses, error, port))
         except ResolverBusy:
             self._fail(conn, "resolver-busy", Socks5Reply.GENERAL_FAILURE)
 
     def _resolved(self, conn: _Conn, addresses: list[str] | None, error: BaseException | None,
                   port: int) -> None:
+        conn.lookup = None
         if conn.state != _RESOLVING:
             return  # the deadline (or shutdown) came first
         try:
@@ -862,10 +864,12 @@ class ClientAgent(HandshakeServer):
         conn.to_converter = b""
 
     def cancel_work(self, conn: _Conn) -> None:  # type: ignore[override]
-        """Before any ending: drop the connect attempt and reset the converter connection."""
-        if conn.connect is not None:
-            conn.connect.cancel()
-            conn.connect = None
+        """Before any ending: cancel the name lookup (it would hold a resolver
+        thread for nobody) and the connect attempt, reset the converter connection."""
+        for handle in (conn.lookup, conn.connect):
+            if handle is not None:
+                handle.cancel()
+        conn.lookup = conn.connect = None
         self._close_converter(conn)
 
 
