@@ -57,11 +57,12 @@ of the server's bytes) is ~7 us, and the converter's own code costs another
 Parts removed one at a time in same-run A/Bs
 (``benchmarks/convert_ab.py``): the TCP_INFO read at accept ~1-6 us (kept:
 it finds TFO sockets accepted before the client's third ACK, see
-``dataplane/establish.py``, and gives ``tfo=``); the whole sans-IO handshake,
-decoding and policy included, nothing measurable (a dict from the message's
-bytes to the decided action did no better); the rest is the bookkeeping
-between accept and relay (pending record, per-client count, log fields,
-upstream target). Already trimmed: codec fast path and memo of decoded
+``dataplane/establish.py``, and gives ``tfo=``); the floor's own code run
+inside the converter's process and server class, ~5 us more than the
+standalone floor; the sans-IO handshake (decoding, policy, state) replaced by
+a dict from the message's bytes to the decided action, ~8 us saved; the rest
+is the bookkeeping between accept and relay (pending record, per-client
+count, log fields, upstream target). Run-to-run spread: +-10 us. Already trimmed: codec fast path and memo of decoded
 base-Connect messages, looked up from the read's bytes; the policy's answer
 to a Connect remembered per settings (one shared action); policy and target
 memos keyed by object identity; TCP_INFO after connecting only for an
