@@ -74,6 +74,9 @@ def main() -> int:
                     runs.setdefault(sc.key, []).append((r["rate"], us))
                     print(f"rep {rep} {sc.key:3s} {r['rate']:6.0f}/s  proxy CPU {us:5.1f} us "
                           "per connection", flush=True)
+            # SIGTERM, not SIGKILL: the converters give back their sysctl records.
+            for name in ("convert", "convertB"):
+                bench.proxies[name].stop(timeout=cb.DRAIN_WAIT)
     except BenchError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
