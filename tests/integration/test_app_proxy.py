@@ -28,7 +28,7 @@ from mptcp_proxy.modes.transparent import PortSet
 from mptcp_proxy.server.app_proxy import AppProxyServer
 from tests.support.lab_env import (  # noqa: F401  (conn_log is a fixture)
     MPTCP_SERVER_PORT, SERVER_PORT, GoodClientBase, LabEnv, conn_log, lab_env, log_lines,
-    recv_all, relay_rest, wait_for,
+    read_exact, recv_all, relay_rest, wait_for,
 )
 from tests.support.servers import HashServer, ProxyRunner, silent_upstream
 from tests.support.traffic import payload, sha256
@@ -115,16 +115,6 @@ def socks_request(host: str, port: int, auth: tuple[str, str] | None = None) -> 
     except ValueError:
         addr = bytes([3, len(host)]) + host.encode()
     return out + bytes([5, 1, 0]) + addr + struct.pack("!H", port)
-
-
-def read_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def socks_reply(sock: socket.socket, auth: bool = False) -> tuple[int, bytes]:

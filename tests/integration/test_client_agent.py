@@ -30,7 +30,9 @@ from mptcp_proxy.modes.client_agent import DEFAULT_TABLE, TABLE_FAMILY, parse_ca
 from mptcp_proxy.modes.policy import parse_networks
 from mptcp_proxy.server.agent import AgentConfig, ClientAgent
 from mptcp_proxy.server.convert import ConvertServer
-from tests.support.lab_env import MPTCP_SERVER_PORT, SERVER_PORT, LabEnv, lab_env, recv_all
+from tests.support.lab_env import (
+    MPTCP_SERVER_PORT, SERVER_PORT, LabEnv, lab_env, read_exact, recv_all,
+)
 from tests.support.servers import HashServer, ProxyRunner
 from tests.support.traffic import payload, sha256
 
@@ -183,22 +185,12 @@ def socks_request(host, port: int) -> bytes:
     return bytes((5, 1, 0, atyp)) + host.packed + struct.pack("!H", port)
 
 
-def read_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        data = sock.recv(n - len(buf))
-        if not data:
-            break
-        buf += data
-    return buf
-
-
 def read_socks_reply(sock: socket.socket) -> tuple[int, bytes]:
     """(REP, the whole reply); REP -1 when the agent closed without one."""
-    head = read_exactly(sock, 4)
+    head = read_exact(sock, 4)
     if len(head) < 4:
         return -1, head
-    rest = read_exactly(sock, {1: 4, 4: 16}.get(head[3], 0) + 2)
+    rest = read_exact(sock, {1: 4, 4: 16}.get(head[3], 0) + 2)
     return head[1], head + rest
 
 
@@ -213,7 +205,7 @@ def socks_open(env: AgentEnv, socks_addr: tuple, host, port: int, *, pipelined: 
             time.sleep(0.002)
     else:
         sock.sendall(message)
-    assert read_exactly(sock, 2) == b"\x05\x00"
+    assert read_exact(sock, 2) == b"\x05\x00"
     rep, _ = read_socks_reply(sock)
     return sock, rep
 
@@ -393,9 +385,9 @@ def test_socks5_bad_input_gets_its_reply_code_and_a_clean_close(env, agent, mess
         sock.connect(socks_addr(agent))
         sock.sendall(message)
         if message[2:3] == b"\x00" and message[0] == 5:
-            assert read_exactly(sock, 2) == b"\x05\x00"
+            assert read_exact(sock, 2) == b"\x05\x00"
         elif message[0] == 5:
-            assert read_exactly(sock, 2) == b"\x05\xff"
+            assert read_exact(sock, 2) == b"\x05\xff"
         if expect_rep is None:
             assert_clean_close(sock)
         else:
@@ -478,7 +470,7 @@ def test_lookups_of_timed_out_socks5_clients_are_cancelled(env):
             slow.append(sock)
         for sock in slow:
             with sock:
-                assert read_exactly(sock, 2) == b"\x05\x00"
+                assert read_exact(sock, 2) == b"\x05\x00"
                 rep, _ = read_socks_reply(sock)
                 assert rep == 1  # general SOCKS server failure
         reasons = [c.reason for c in closed_sessions(runner, 8)]

@@ -37,6 +37,17 @@ def recv_all(sock: socket.socket) -> bytes:
         chunks.append(data)
 
 
+def read_exact(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes, or fewer if the peer closes first."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:
