@@ -191,3 +191,40 @@ def test_pending_sets_every_field_of_handshaking():
     for name in Handshaking.__slots__:
         if name not in ("sock", "fd", "session"):
             assert getattr(p, name) == getattr(plain, name), name
+
+
+def test_a_repeated_base_connect_goes_the_quick_way(server, monkeypatch):
+    made = []
+    real = server_mod.ConvertHandshake
+    monkeypatch.setattr(server_mod, "ConvertHandshake",
+                        lambda *a: made.append(a) or real(*a))
+    # A port no other test uses: the codec's memo of decoded messages is per process.
+    message = ConvertMessage((ConnectTlv(4242, TARGET),)).encode()
+    run(server, message + b"GET /")            # first: decoded by the handshake
+    run(server, message + b"GET /")            # then: the codec and policy memos answer
+    assert len(made) == 1
+    assert [r["reply"] for r in server.relayed] == [BARE_REPLY, BARE_REPLY]
+    assert [r["initial_to_upstream"] for r in server.relayed] == [b"GET /", b"GET /"]
+    assert not server.pending and not server.pending_by_client
+
+
+def test_a_quick_connection_whose_upstream_fails_gets_the_handshake_s_error(server):
+    message = ConvertMessage((ConnectTlv(4243, TARGET),)).encode()
+    run(server, message)                       # warms the memos
+    closed = []
+    server.close_with = lambda conn, reply, reason: closed.append((conn, reply, reason))
+
+    def connect(family, sockaddr, callback, source=None, early_data=b""):
+        (pending,) = server.pending.values()
+        assert pending.handshake is None       # the quick way: no handshake object
+        error = server_mod.UpstreamError(server_mod.REFUSED, "refused", errno=111)
+        callback(ConnectResult(None, error, False, False))
+
+    server.connector.connect = connect
+    session = new_session(2, "client")
+    server.handle_accept(FakeSock(message, options=TCPI_OPT_SYN_DATA), CLIENT_ADDR, session)
+    (conn, reply, reason), = closed
+    assert conn.handshake is not None         # rebuilt to word the error
+    decoded, _ = decode_message(reply, ConvertSender.CONVERTER)
+    assert decoded.tlvs[0].code == 96          # Connection Reset (refused), RFC 8803 §4.2.8
+    assert (reason, session.extra["convert"]) == ("upstream-refused", "error:96")

@@ -28,6 +28,8 @@ from mptcp_proxy.modes.convert import (
     TokenBucket,
     UpstreamFailure,
     UpstreamFailureKind,
+    open_quick,
+    quick_handshake,
 )
 from mptcp_proxy.modes.policy import ClientPolicy, TargetPolicy, parse_networks
 from mptcp_proxy.wire.convert import (
@@ -668,3 +670,72 @@ def test_policy_memos_check_identity_not_just_the_id():
     assert settings.allows_client(forbidden) == settings.clients.allows(forbidden)
     # Equal values in distinct objects get the same answers.
     assert settings.check_target(ip("192.0.2.10")) == settings.check_target(allowed)
+
+
+# --------------------------------------------------------------------------
+# The quick way (open_quick): the same answer as the handshake, or none
+# --------------------------------------------------------------------------
+
+_QUICK_TARGETS = [TARGET, ip("192.0.2.1"), ip("127.0.0.1"), ip("198.51.100.7"),
+                  ip("2001:db8::1"), ip("::ffff:192.0.2.10"), ip("224.0.0.1")]
+_QUICK_CLIENTS = [CLIENT, ip("203.0.113.9"), ip("::ffff:10.0.0.1"), ip("2001:db8::2")]
+
+
+@st.composite
+def first_reads(draw):
+    """First reads: base Connects (often), other messages, and any bytes."""
+    kind = draw(st.sampled_from(["base", "base", "base", "options", "info", "random"]))
+    early = draw(st.sampled_from([b"", b"", APP, b"x"]))
+    if kind == "random":
+        return draw(st.binary(min_size=1, max_size=60))
+    target = draw(st.sampled_from(_QUICK_TARGETS))
+    port = draw(st.sampled_from([PORT, 80, 0]))
+    if port == 0:   # malformed: port 0
+        return connect_bytes(target, PORT)[:-16 - 2] + b"\0\0" + target.packed.rjust(16, b"\0")
+    options = ()
+    if kind == "options":
+        options = (TcpOption(draw(st.sampled_from([TcpOptionKind.SACK_PERMITTED, 99]))),)
+    tlvs = [ConnectTlv(port, target, options)]
+    if kind == "info":
+        tlvs.insert(0, InfoTlv())
+    return message(*tlvs) + early
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(first_reads(), st.sampled_from(_QUICK_CLIENTS), st.integers(0, 3),
+       st.sampled_from(["plain", "cookies", "clients"]), st.booleans())
+def test_open_quick_answers_as_the_handshake_or_not_at_all(data, client, pending, kind, warm):
+    kw = {"max_pending_per_client": 2}
+    if kind == "cookies":
+        kw["cookies"] = CookieAuthority(SECRET)
+    elif kind == "clients":
+        kw["clients"] = ClientPolicy(parse_networks(["10.0.0.0/8"], "k"))
+    settings_ = make_settings(**kw)
+    full = ConvertHandshake(settings_, client, NOW)
+    want = full.start(pending)
+    if want is None:
+        want = full.receive(data)
+    if warm:   # the codec has seen these bytes: what open_quick relies on
+        handshake(settings_).receive(data)
+    got = open_quick(settings_, client, data, pending)
+    if got is None:
+        return
+    assert got == want
+    again = quick_handshake(settings_, client, NOW, data)
+    assert (again.state, again.outcome, again.early_data, again.connect) == \
+        (full.state, full.outcome, full.early_data, full.connect) == \
+        (HandshakeState.CONNECTING, "connect", got.early_data, full.connect)
+    assert again.upstream_connected(None) == StartRelay(BARE_REPLY)
+
+
+def test_open_quick_takes_the_usual_case_once_the_codec_has_seen_it():
+    settings_ = make_settings()
+    data = connect_bytes() + APP
+    assert handshake(settings_).receive(data) == OpenUpstream(TARGET, PORT, APP, ())
+    assert open_quick(settings_, CLIENT, data) == OpenUpstream(TARGET, PORT, APP, ())
+    assert open_quick(settings_, CLIENT, connect_bytes()) is \
+        open_quick(settings_, CLIENT, connect_bytes())   # no early data: one shared action
+    # Never: cookies required, over the per-client limit, bytes the codec has not seen.
+    assert open_quick(make_settings(cookies=CookieAuthority(SECRET)), CLIENT, data) is None
+    assert open_quick(settings_, CLIENT, data, pending_from_client=64) is None
+    assert open_quick(settings_, CLIENT, connect_bytes(port=1234)) is None

@@ -60,6 +60,7 @@ from mptcp_proxy.modes.policy import (
     ClientPolicy, IPAddress, TargetDecision, TargetPolicy, TargetVerdict, normalize,
 )
 from mptcp_proxy.wire.convert import (
+    BASE_CONNECT_MESSAGE_LEN,
     HEADER_WORDS,
     MAGIC,
     VERSION,
@@ -78,6 +79,7 @@ from mptcp_proxy.wire.convert import (
     TcpOptionKind,
     decode_message,
     error_reply_for,
+    remembered_base_connect,
 )
 
 # --------------------------------------------------------------------------
@@ -390,6 +392,49 @@ def _remembered(memo: dict, key: object, compute):  # type: ignore[no-untyped-de
     return value
 
 
+def open_quick(settings: ConvertSettings, client: IPAddress, data: bytes,
+                pending_from_client: int = 0) -> OpenUpstream | None:
+    """The usual 0-RTT connection decided without a :class:`ConvertHandshake`.
+
+    ``data`` is the first read of a connection. When it starts with a
+    base-Connect message the codec has decoded lately, no cookie is required,
+    and client, target and pending count pass, this returns what
+    ``ConvertHandshake(settings, client, t).start(pending_from_client)``
+    followed by ``.receive(data)`` would (tested to be equal on every input);
+    the connection is then in the handshake's CONNECTING state with outcome
+    ``connect``, and is confirmed by the bare header (``BARE_REPLY``). None
+    means: run the handshake, which decides everything else, refusals
+    included. ``quick_handshake`` rebuilds the handshake when one is needed
+    after all (the upstream connect failed)."""
+    if settings.cookies is not None or type(data) is not bytes:
+        return None
+    message = remembered_base_connect(data)
+    if message is None or pending_from_client >= settings.max_pending_per_client:
+        return None
+    if type(client) is not IPv4Address:
+        client = normalize(client)
+    if not settings.allows_client(client):
+        return None
+    action = settings.connect_plan(message.tlvs[0]).action
+    if action is None:
+        return None
+    if len(data) > BASE_CONNECT_MESSAGE_LEN:
+        return OpenUpstream(action.address, action.port, data[BASE_CONNECT_MESSAGE_LEN:],
+                            action.requested_options)
+    return action  # shared: immutable
+
+
+def quick_handshake(settings: ConvertSettings, client: IPAddress, wall_now: float,
+                    data: bytes) -> "ConvertHandshake":
+    """The handshake of a connection :func:`open_quick` opened, in the state it
+    left it (CONNECTING): the same pure decision, made again."""
+    handshake = ConvertHandshake(settings, client, wall_now)
+    action = handshake.receive(data)
+    if type(action) is not OpenUpstream:  # pragma: no cover - same inputs, same answer
+        raise RuntimeError(f"open_quick opened what the handshake refuses: {action!r}")
+    return handshake
+
+
 _DECODING_REASONS = {
     ConvertErrorCode.UNSUPPORTED_VERSION: "unsupported-version",
     ConvertErrorCode.MALFORMED_MESSAGE: "malformed",
@@ -623,5 +668,5 @@ __all__ = [
     "BARE_REPLY", "COOKIE_LEN", "CONNECT_OPTION_KINDS", "REFUSED_OPTION_KINDS", "Action",
     "CloseQuietly", "ConvertHandshake", "ConvertSettings", "CookieAuthority", "HandshakeState",
     "Negotiated", "OpenUpstream", "ReplyAndClose", "StartRelay", "TokenBucket",
-    "UpstreamFailure", "UpstreamFailureKind",
+    "UpstreamFailure", "UpstreamFailureKind", "open_quick", "quick_handshake",
 ]

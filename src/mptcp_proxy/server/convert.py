@@ -41,8 +41,9 @@ from mptcp_proxy.dataplane.reactor import EPOLLIN, Reactor
 from mptcp_proxy.errors import KernelError, UpstreamError
 from mptcp_proxy.kernel.sysctl import SharedSysctlBits, read_sysctl
 from mptcp_proxy.modes.convert import (
-    Action, CloseQuietly, ConvertHandshake, ConvertSettings, CookieAuthority, Negotiated,
-    OpenUpstream, ReplyAndClose, StartRelay, TokenBucket, UpstreamFailure, UpstreamFailureKind,
+    BARE_REPLY, Action, CloseQuietly, ConvertHandshake, ConvertSettings, CookieAuthority,
+    Negotiated, OpenUpstream, ReplyAndClose, StartRelay, TokenBucket, UpstreamFailure,
+    UpstreamFailureKind, open_quick, quick_handshake,
 )
 from mptcp_proxy.modes.policy import ClientPolicy, IPAddress, TargetPolicy, normalize, parse_address
 from mptcp_proxy.observe.sockinfo import (
@@ -73,6 +74,7 @@ _ICMP_CODE_BY_ERRNO = {
 }
 
 _READING, _CONNECTING = "reading", "connecting"
+_CONFIRM = StartRelay(BARE_REPLY)   # the answer to a base Connect that got through
 
 
 @dataclass
@@ -96,10 +98,11 @@ class ConvertStats:
 class _Pending(Handshaking):
     """One client connection between accept and relay (or close)."""
 
-    __slots__ = ("handshake", "client", "connect", "result")
+    __slots__ = ("handshake", "client", "connect", "result", "quick", "early")
 
-    def __init__(self, sock: socket.socket, session: Session, handshake: ConvertHandshake,
-                 client: IPAddress, host: str, started: float) -> None:
+    def __init__(self, sock: socket.socket, session: Session,
+                 handshake: ConvertHandshake | None, client: IPAddress, host: str,
+                 started: float) -> None:
         # Handshaking's fields set here rather than through super().__init__:
         # one call less on every connection's path.
         self.sock = sock
@@ -114,10 +117,14 @@ class _Pending(Handshaking):
         self.linger = None
         self.reason = ""
         self.watched = False
+        # None while the connection goes the quick way (modes/convert.open_quick);
+        # ``quick`` then holds what rebuilds it if needed: (settings, first read).
         self.handshake = handshake
+        self.quick: tuple[ConvertSettings, bytes] | None = None
         self.client = client
         self.connect: PendingConnect | None = None
         self.result: ConnectResult | None = None
+        self.early = b""   # the client's bytes after the Convert message
 
 
 class ConvertServer(HandshakeServer):
@@ -262,9 +269,25 @@ class ConvertServer(HandshakeServer):
         else:
             self.convert_stats.no_syn_data += 1
         session.extra = {"tfo": "yes" if syn_data else "no", "convert": "-"}
-        handshake = ConvertHandshake(self.settings, client, time.time())
-        p = _Pending(sock, session, handshake, client, host, self.reactor.now)
+        p = _Pending(sock, session, None, client, host, self.reactor.now)
         open_from_client = self.track(p)
+        data = None
+        if syn_data:
+            # 0-RTT: the message is in the receive queue already, usually whole,
+            # and usually the base Connect seen many times: decided without a
+            # handshake object when it can be (the same answer, tested).
+            data = self._recv(p)
+            if data:
+                settings = self.settings
+                action = open_quick(settings, client, data, open_from_client)
+                if action is not None:
+                    p.quick = (settings, data)
+                    session.extra["convert"] = "connect"
+                    self._open_upstream(p, action)
+                    return
+            elif p.state == DONE:
+                return   # reset: aborted
+        handshake = p.handshake = ConvertHandshake(self.settings, client, time.time())
         action = handshake.start(open_from_client)
         if action is not None:
             self._carry_out(p, action)
@@ -272,7 +295,10 @@ class ConvertServer(HandshakeServer):
         # With TFO the whole message is usually in the receive queue already:
         # read first, and only watch the socket (and arm the deadline) if the
         # handshake still waits for bytes. Saves two epoll_ctl per connection.
-        self._read_client(p)
+        if data is None:
+            self._read_client(p)
+        else:
+            self._feed(p, data)
         if p.state == _READING:
             self.watch(p, EPOLLIN)
             p.deadline = self.reactor.call_later(self.config.handshake_timeout,
@@ -288,15 +314,25 @@ class ConvertServer(HandshakeServer):
         elif p.state == CLOSING:
             self.on_closing_event(p)
 
-    def _read_client(self, p: _Pending) -> None:
+    def _recv(self, p: _Pending) -> bytes | None:
+        """One read of the client: bytes, b"" at EOF, None when there is nothing
+        yet or the read failed (then the connection is aborted: state DONE)."""
         try:
-            data = p.sock.recv(READ_SIZE)
+            return p.sock.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
-            return
+            return None
         except OSError as exc:
             self._abort(p, client_error_reason(exc))
-            return
+            return None
+
+    def _read_client(self, p: _Pending) -> None:
+        data = self._recv(p)
+        if data is not None:
+            self._feed(p, data)
+
+    def _feed(self, p: _Pending, data: bytes) -> None:
         handshake = p.handshake
+        assert handshake is not None  # reading: the handshake decides
         action = handshake.receive(data) if data else handshake.receive_eof()
         if type(action) is OpenUpstream:   # the usual answer, without the dispatch
             p.session.extra["convert"] = handshake.outcome  # type: ignore[index]
@@ -307,11 +343,12 @@ class ConvertServer(HandshakeServer):
     def _on_deadline(self, p: _Pending) -> None:
         p.deadline = None
         if p.state == _READING:
+            assert p.handshake is not None  # reading: the handshake decides
             self._carry_out(p, p.handshake.expire())
 
     # -- actions --------------------------------------------------------------
     def _carry_out(self, p: _Pending, action: Action) -> None:
-        p.session.extra["convert"] = p.handshake.outcome or "-"  # type: ignore[index]
+        p.session.extra["convert"] = self._handshake(p).outcome or "-"  # type: ignore[index]
         if isinstance(action, OpenUpstream):
             self._open_upstream(p, action)
         elif isinstance(action, StartRelay):
@@ -341,7 +378,8 @@ class ConvertServer(HandshakeServer):
             entry = (address, *upstream_target(address, port))
             _remember(self._targets, key, entry)
         _, family, sockaddr, p.session.target = entry
-        early = action.early_data if self.config.upstream_tfo else b""
+        p.early = action.early_data
+        early = p.early if self.config.upstream_tfo else b""
         p.connect = self.connector.connect(family, sockaddr, partial(self._connected, p),
                                            early_data=early)
 
@@ -354,29 +392,31 @@ class ConvertServer(HandshakeServer):
         extra = p.session.extra
         if result.error is not None:
             p.session.upstream_requested_mptcp = result.requested_mptcp
-            action = p.handshake.upstream_failed(upstream_failure(result.error))
+            action = self._handshake(p).upstream_failed(upstream_failure(result.error))
             self._carry_out(p, action)
             return
         assert result.sock is not None  # success carries a socket
+        handshake = p.handshake
         negotiated: Negotiated | None = None
         syn_data = False
         # TCP_INFO only when its answer is needed: the reply to an extended
-        # Connect, or whether the server acked the bytes our SYN carried (none
-        # queued: the SYN carried none).
-        if result.early_sent or p.handshake.wants_negotiated:
+        # Connect (never a quick one), or whether the server acked the bytes
+        # our SYN carried (none queued: the SYN carried none).
+        if result.early_sent or (handshake is not None and handshake.wants_negotiated):
             negotiated, syn_data = negotiated_options(result.sock, result.mptcp)
         extra["upstream_tfo"] = "yes" if syn_data else "no"  # type: ignore[index]
         if syn_data:
             self.convert_stats.early_in_syn += 1
         p.result = result
         # Straight to the relay: the outcome in the log fields is already "connect...".
-        self._relay(p, p.handshake.upstream_connected(negotiated))
+        # A quick connection is a base Connect: confirmed by the bare header.
+        self._relay(p, _CONFIRM if handshake is None else handshake.upstream_connected(negotiated))
 
     def _relay(self, p: _Pending, action: StartRelay) -> None:
         result = p.result
         assert result is not None  # StartRelay follows a successful connect
         self.hand_to_relay(p)
-        rest = p.handshake.early_data
+        rest = p.early
         if result.early_sent:
             rest = rest[result.early_sent:]   # already delivered upstream in the SYN (TFO)
         self.start_relay(p.sock, result, p.session, initial_to_upstream=rest,
@@ -396,9 +436,18 @@ class ConvertServer(HandshakeServer):
 
     def _abort(self, p: _Pending, reason: str) -> None:
         """The client broke the connection: close at once, no reply."""
-        if p.state != DONE:
+        if p.state != DONE and p.handshake is not None:  # (quick: "connect" already)
             p.session.extra["convert"] = p.handshake.outcome or "-"  # type: ignore[index]
         self.abort(p, reason)
+
+    def _handshake(self, p: _Pending) -> ConvertHandshake:
+        """``p``'s handshake; a quick connection's is rebuilt (the upstream
+        connect failed: the handshake words the error)."""
+        if p.handshake is None:
+            assert p.quick is not None  # no handshake: opened the quick way
+            settings, data = p.quick
+            p.handshake = quick_handshake(settings, p.client, time.time(), data)
+        return p.handshake
 
     def cancel_work(self, p: _Pending) -> None:  # type: ignore[override]
         if p.connect is not None:

@@ -1045,6 +1045,19 @@ def decode_message(data: bytes | bytearray | memoryview, sender: ConvertSender, 
     return _decode_message_general(bytes(data[:MAX_MESSAGE_LEN]), sender, allowed_private)
 
 
+def remembered_base_connect(data: bytes) -> ConvertMessage | None:
+    """The decoded message if ``data`` starts with a base-Connect message that
+    :func:`decode_message` has decoded lately (it is then 24 bytes long and
+    the rest of ``data`` is application data); None otherwise, which says
+    nothing about the bytes: decode them."""
+    return _BASE_CONNECT_MESSAGES.get(
+        data if len(data) == _BASE_CONNECT_MESSAGE_LEN else data[:_BASE_CONNECT_MESSAGE_LEN])
+
+
+BASE_CONNECT_MESSAGE_LEN = _BASE_CONNECT_MESSAGE_LEN
+"""Bytes of a message made of the header and one base Connect TLV."""
+
+
 def _decode_message_general(buf: bytes, sender: ConvertSender,
                             allowed_private: frozenset[int]) -> tuple[ConvertMessage, int]:
     """:func:`decode_message` for any message (``buf`` at most one message long)."""
@@ -1268,7 +1281,8 @@ def check_connect_target(address: IPAddress) -> None:
 
 
 __all__ = [
-    "CONNECT_BASE_WORDS", "HEADER_LEN", "MAGIC", "MAX_ERROR_VALUE_LEN", "MAX_MESSAGE_LEN",
+    "BASE_CONNECT_MESSAGE_LEN", "CONNECT_BASE_WORDS", "HEADER_LEN", "MAGIC",
+    "MAX_ERROR_VALUE_LEN", "MAX_MESSAGE_LEN",
     "MAX_TOTAL_WORDS", "PRIVATE_TLV_TYPES", "RESOURCE_EXCEEDED_DEFAULT_RETRY_S",
     "SUPPORTED_VERSIONS", "TLV_TYPES_BY_SENDER", "UNLISTED_TCP_OPTION_KINDS", "VERSION", "WORD",
     "ConnectTlv", "ConvertDecoder", "ConvertErrorCode", "ConvertMessage",
@@ -1277,5 +1291,5 @@ __all__ = [
     "InfoTlv", "NotConvertMessage", "PrivateTlv", "SupportedTcpExtTlv", "TcpOption",
     "TcpOptionKind", "UnsupportedConvertVersion", "check_connect_target", "check_sender",
     "classify_connect_target", "decode_message", "encode_message", "encode_tlv",
-    "error_reply_for",
+    "error_reply_for", "remembered_base_connect",
 ]
