@@ -45,24 +45,20 @@ MPTCP not used toward a proxy); speed is never pass/fail. ``--profile`` adds
 one c=64 run each of (f) and (c) with py-spy attached to the proxy (not in
 the figures) and prints where each proxy's time goes per connection.
 
-Measured here (Linux 6.18, 2 cores; runs convert-20261126-152728, -152857,
--153026): (c)/(f) is 0.98-1.03 at c=1 and 0.86-0.93 at c=64 (medians of 3
-per run; eight runs of the same code: 0.82-0.93, median 0.87); (c0)/(f) is
-0.95-1.03 at c=64. At c=64 every proxy runs at 82-85% of a core and the rate
-follows its CPU per connection: forward 136-144 us, the floor 143-150, the
-converter 160-165. So the kernel's share of a converter's extra work
-(TCP_INFO, the recv of the message, the reply written into the pipe in front
-of the server's bytes) is ~7 us, and the converter's own code costs another
-6-22 us under load (2-3 times what the same Python costs warm in a loop).
-Parts removed one at a time in same-run A/Bs
-(``benchmarks/convert_ab.py``): the TCP_INFO read at accept ~1-6 us (kept:
-it finds TFO sockets accepted before the client's third ACK, see
-``dataplane/establish.py``, and gives ``tfo=``); the floor's own code run
-inside the converter's process and server class, ~5 us more than the
-standalone floor; the sans-IO handshake (decoding, policy, state) replaced by
-a dict from the message's bytes to the decided action, ~8 us saved; the rest
-is the bookkeeping between accept and relay (pending record, per-client
-count, log fields, upstream target). Run-to-run spread: +-10 us. Already trimmed: codec fast path and memo of decoded
+Measured here (Linux 6.18, 2 cores; sixteen runs, convert-20261126-155916
+to -162135): (c)/(f) is 0.98-1.05 at c=1; at c=64 it is 0.83-0.97, median
+and mean 0.91 (7 of 16 runs below 0.90); (c0)/(f) is 0.84-0.98, median 0.95.
+At c=64 every proxy runs at 82-85% of a core and the rate follows its CPU
+per connection: forward 129-151 us, the floor 136-166, the converter
+145-169. The kernel's share of a converter's extra work (TCP_INFO, the recv
+of the message, the reply written into the pipe in front of the server's
+bytes) is ~7 us; the converter's own code ~5 us more (several times what
+the same Python costs warm in a loop). Same-run A/Bs
+(``benchmarks/convert_ab.py``) that got it there: deciding the usual 0-RTT
+connection without a handshake object (``modes/convert.open_quick``),
+~8 us; the floor's code run inside the converter's process and server
+class costs ~5 us more than the standalone floor. Run-to-run spread:
++-10 us. Already trimmed before: codec fast path and memo of decoded
 base-Connect messages, looked up from the read's bytes; the policy's answer
 to a Connect remembered per settings (one shared action); policy and target
 memos keyed by object identity; TCP_INFO after connecting only for an
