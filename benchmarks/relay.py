@@ -223,7 +223,21 @@ class Procs:
         if proc in self.live:
             self.live.remove(proc)
 
-    def kill_all(self) -> None:
+    def kill_all(self, grace: float = 3.0) -> None:
+        """SIGTERM everything still running (a proxy then gives back its sysctl
+        records), SIGKILL what is left after ``grace`` seconds."""
+        for proc in self.live:
+            if proc.popen.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        for proc in self.live:
+            try:
+                proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
         for proc in reversed(self.live):
             proc.kill()
         self.live.clear()
