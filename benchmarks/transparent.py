@@ -38,7 +38,6 @@ import statistics
 import struct
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from mptcp_proxy.lab import Lab, Node, PathSpec  # noqa: E402
-from mptcp_proxy.lab.traffic import TransferResult, timed_upload  # noqa: E402
+from mptcp_proxy.lab.traffic import TransferResult, serve_each, timed_upload  # noqa: E402
 
 VENV_BIN = ROOT / ".venv" / "bin"
 CLI = str(VENV_BIN / "mptcp-proxy")
@@ -81,17 +80,7 @@ class TimedSink:
         self.sock.bind((host, port))
         self.sock.listen(16)
         self.received: list[Received] = []
-        self._thread = threading.Thread(target=self._serve, name="bench-sink", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), name="bench-sink-conn",
-                             daemon=True).start()
+        self._thread = serve_each(self.sock, self._handle, "bench-sink")
 
     def _handle(self, conn: socket.socket) -> None:
         digest = hashlib.sha256()

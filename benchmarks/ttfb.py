@@ -54,7 +54,6 @@ import statistics
 import struct
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -64,6 +63,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from mptcp_proxy.convert_client import TfoOutcome, open_connection  # noqa: E402
 from mptcp_proxy.lab import Lab, PathSpec  # noqa: E402
+from mptcp_proxy.lab.traffic import serve_each  # noqa: E402
 from relay import CLI, BenchError, Procs, _format, wait_listening  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench-results"
@@ -96,16 +96,7 @@ class AnswerServer:
             self.sock.bind((lab.server_addr, SERVER_PORT))
             self.sock.listen(256)
         self.errors: list[str] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        self.thread = serve_each(self.sock, self._handle, "ttfb-answer")
 
     def _handle(self, conn: socket.socket) -> None:
         with conn:

@@ -34,6 +34,7 @@ from mptcp_proxy.convert_client import (
 )
 from mptcp_proxy.lab import Lab, PathSpec
 from mptcp_proxy.lab import netns
+from mptcp_proxy.lab.traffic import serve_each
 from mptcp_proxy.modes.convert_client import (
     MP_CAPABLE_SYN_OPTION,
     REFUSALS,
@@ -107,20 +108,8 @@ class StandInConverter:
             self.sock.bind((host, port))
             self.sock.listen(64)
             # Threads inherit the creating thread's namespace: upstream sockets live here.
-            self._acceptor = threading.Thread(target=self._serve, name="stand-in", daemon=True)
-            self._acceptor.start()
+            self._acceptor = serve_each(self.sock, self._handle, "stand-in", self._threads)
         self.addr = (host, port)
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            t = threading.Thread(target=self._handle, args=(conn,), name="stand-in-conn",
-                                 daemon=True)
-            t.start()
-            self._threads.append(t)
 
     def _handle(self, conn: socket.socket) -> None:
         try:

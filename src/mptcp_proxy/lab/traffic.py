@@ -29,6 +29,28 @@ def pattern(seed: int = 0) -> bytes:
     return block * (CHUNK // len(block))
 
 
+def serve_each(sock: socket.socket, handle: Callable[[socket.socket], None],
+               name: str = "lab-conn", threads: list | None = None) -> threading.Thread:
+    """Accept on ``sock`` until it is closed, each connection handled by
+    ``handle(conn)`` in a daemon thread of its own (added to ``threads`` when
+    given). Returns the accepting thread, started; threads inherit the
+    caller's network namespace."""
+    def accept_loop() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            t = threading.Thread(target=handle, args=(conn,), name=name, daemon=True)
+            t.start()
+            if threads is not None:
+                threads.append(t)
+
+    acceptor = threading.Thread(target=accept_loop, name=f"{name}-accept", daemon=True)
+    acceptor.start()
+    return acceptor
+
+
 class SinkServer:
     """Reads each connection to EOF, then answers with (sha256, count) and closes."""
 
