@@ -31,9 +31,6 @@ from mptcp_proxy.config import Endpoint, RelayConfig, UpstreamMode  # noqa: E402
 from mptcp_proxy.dataplane.connect import ConnectResult, Connector  # noqa: E402
 from mptcp_proxy.dataplane.establish import EstablishWatcher  # noqa: E402
 from mptcp_proxy.modes.convert import BARE_REPLY  # noqa: E402
-from mptcp_proxy.observe.sockinfo import (  # noqa: E402
-    TCP_SYN_RECV, SockInfoError, tcp_state_and_option_bits,
-)
 from mptcp_proxy.server.base import ProxyServer, Session, open_listener  # noqa: E402
 
 TCP_FASTOPEN = 23
@@ -55,12 +52,7 @@ class FloorConverter(ProxyServer):
         self.add_listener(listener)
 
     def handle_accept(self, sock: socket.socket, addr: tuple, session: Session) -> None:
-        try:
-            state, _ = tcp_state_and_option_bits(sock)
-        except (OSError, SockInfoError):
-            state = 0
-        if state == TCP_SYN_RECV:
-            self.establish.add(sock)
+        self.establish.watch(sock)   # one TCP_INFO read; watched if still in SYN_RECV
         try:
             data = sock.recv(READ_SIZE)   # the Convert message, not looked at
         except OSError:

@@ -170,13 +170,7 @@ class Proc:
 
     def stop(self, timeout: float = 5.0) -> str:
         """SIGTERM (a proxy drains and logs its counters), then kill; its stderr."""
-        if self.popen.poll() is None:
-            try:
-                os.killpg(self.pid, signal.SIGTERM)
-                self.popen.wait(timeout=timeout)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        self.kill()
+        terminate([self], timeout)
         try:
             return self.log_path.read_text(errors="replace")
         except OSError:
@@ -226,21 +220,27 @@ class Procs:
     def kill_all(self, grace: float = 3.0) -> None:
         """SIGTERM everything still running (a proxy then gives back its sysctl
         records), SIGKILL what is left after ``grace`` seconds."""
-        for proc in self.live:
-            if proc.popen.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + grace
-        for proc in self.live:
-            try:
-                proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for proc in reversed(self.live):
-            proc.kill()
+        terminate(list(reversed(self.live)), grace)
         self.live.clear()
+
+
+def terminate(procs: list[Proc], grace: float) -> None:
+    """SIGTERM each of ``procs`` (and its process group), wait up to ``grace``
+    seconds for all of them together, then SIGKILL what is left."""
+    for proc in procs:
+        if proc.popen.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        proc.kill()
 
 
 def load_argv(*args: object) -> list[str]:

@@ -277,7 +277,7 @@ class CloseQuietly:
 
 Action: TypeAlias = Union[OpenUpstream, StartRelay, ReplyAndClose, CloseQuietly]
 
-_BARE_START = StartRelay(BARE_REPLY)
+BARE_START = StartRelay(BARE_REPLY)
 """Confirms every base Connect; immutable, so one serves all of them."""
 
 
@@ -574,7 +574,7 @@ class ConvertHandshake:
         extended = bool(self.connect.options)
         self.state = HandshakeState.RELAYING
         if not info and not extended:
-            return _BARE_START  # the common case: nothing to build
+            return BARE_START  # the common case: nothing to build
         tlvs = []
         if info:
             tlvs.append(SupportedTcpExtTlv(self.settings.supported_kinds))
@@ -665,7 +665,8 @@ class ConvertHandshake:
 
 
 __all__ = [
-    "BARE_REPLY", "COOKIE_LEN", "CONNECT_OPTION_KINDS", "REFUSED_OPTION_KINDS", "Action",
+    "BARE_REPLY", "BARE_START", "COOKIE_LEN", "CONNECT_OPTION_KINDS", "REFUSED_OPTION_KINDS",
+    "Action",
     "CloseQuietly", "ConvertHandshake", "ConvertSettings", "CookieAuthority", "HandshakeState",
     "Negotiated", "OpenUpstream", "ReplyAndClose", "StartRelay", "TokenBucket",
     "UpstreamFailure", "UpstreamFailureKind", "open_quick", "quick_handshake",

@@ -41,7 +41,7 @@ from mptcp_proxy.dataplane.reactor import EPOLLIN, Reactor
 from mptcp_proxy.errors import KernelError, UpstreamError
 from mptcp_proxy.kernel.sysctl import SharedSysctlBits, read_sysctl
 from mptcp_proxy.modes.convert import (
-    BARE_REPLY, Action, CloseQuietly, ConvertHandshake, ConvertSettings, CookieAuthority,
+    BARE_START, Action, CloseQuietly, ConvertHandshake, ConvertSettings, CookieAuthority,
     Negotiated, OpenUpstream, ReplyAndClose, StartRelay, TokenBucket, UpstreamFailure,
     UpstreamFailureKind, open_quick, quick_handshake,
 )
@@ -74,7 +74,6 @@ _ICMP_CODE_BY_ERRNO = {
 }
 
 _READING, _CONNECTING = "reading", "connecting"
-_CONFIRM = StartRelay(BARE_REPLY)   # the answer to a base Connect that got through
 
 
 @dataclass
@@ -410,7 +409,8 @@ class ConvertServer(HandshakeServer):
         p.result = result
         # Straight to the relay: the outcome in the log fields is already "connect...".
         # A quick connection is a base Connect: confirmed by the bare header.
-        self._relay(p, _CONFIRM if handshake is None else handshake.upstream_connected(negotiated))
+        self._relay(p, BARE_START if handshake is None
+                    else handshake.upstream_connected(negotiated))
 
     def _relay(self, p: _Pending, action: StartRelay) -> None:
         result = p.result

@@ -989,7 +989,6 @@ _BASE_CONNECT_PREFIX = (_HEADER.pack(VERSION, _BASE_CONNECT_MESSAGE_LEN // WORD,
 _BASE_CONNECT_PREFIX_LEN = len(_BASE_CONNECT_PREFIX)
 _BASE_CONNECT_PORT = _BASE_CONNECT_PREFIX_LEN
 _BASE_CONNECT_ADDRESS = _BASE_CONNECT_PORT + _UINT16.size
-_CLIENT = ConvertSender.CLIENT
 _BYTE_STRINGS = (bytes, bytearray)  # indexed as bytes (a memoryview may have another format)
 _MESSAGE_MEMO_SIZE = 1024
 # The 24 bytes of a base-Connect message -> its (immutable) decoded message.
@@ -1010,13 +1009,6 @@ def decode_message(data: bytes | bytearray | memoryview, sender: ConvertSender, 
     # Empty (the usual case) needs no checking; anything else is validated
     # first, whatever the bytes.
     allowed_private = _private_type_set(private_types) if private_types else _NO_PRIVATE_TYPES
-    if type(data) is bytes and sender is _CLIENT:
-        # The memo first, from the bytes themselves (a TFO read is usually the
-        # message alone): no slice, no copy.
-        message = _BASE_CONNECT_MESSAGES.get(
-            data if len(data) == _BASE_CONNECT_MESSAGE_LEN else data[:_BASE_CONNECT_MESSAGE_LEN])
-        if message is not None:
-            return message, _BASE_CONNECT_MESSAGE_LEN
     # Fast path: the message nearly every connection opens with, a header and
     # one base Connect TLV (RFC 8803 §4.2.5, 24 bytes). Its first 6 bytes are
     # fixed, so the rules the general path checks reduce to "port is not 0";
