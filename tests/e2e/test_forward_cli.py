@@ -144,13 +144,23 @@ def test_fd_exhaustion_pauses_accepting_without_spinning_then_recovers(server):
         proc.kill()
 
 
-def test_workers_share_the_port_and_stop_together(server):
+def start_two_workers(server) -> tuple[CliProcess, int]:
+    """``forward --workers 2`` on a fixed port, once both workers listen."""
     port = free_port()
     proc = CliProcess(["forward", "--listen", f"127.0.0.1:{port}", "--to",
                        f"{server.addr[0]}:{server.addr[1]}", "--workers", "2"])
     try:
         proc.wait_for("forward[1]: listening on")
         proc.wait_for("forward[0]: listening on")
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, port
+
+
+def test_workers_share_the_port_and_stop_together(server):
+    proc, port = start_two_workers(server)
+    try:
         for i in range(20):
             with connect(("127.0.0.1", port), mptcp=True) as c:
                 send_all_and_shut(c, payload(1000, i))
@@ -172,13 +182,9 @@ def test_workers_need_a_fixed_port(server):
 
 def test_workers_stop_when_the_supervisor_is_killed(server):
     """PR_SET_PDEATHSIG: no orphaned workers serving without their supervisor."""
-    port = free_port()
-    proc = CliProcess(["forward", "--listen", f"127.0.0.1:{port}", "--to",
-                       f"{server.addr[0]}:{server.addr[1]}", "--workers", "2"])
+    proc, _ = start_two_workers(server)
     try:
-        proc.wait_for("forward[1]: listening on")
-        out = proc.wait_for("forward[0]: listening on")
-        pids = [int(p) for p in re.findall(r"worker \d started \(pid (\d+)\)", out)]
+        pids = [int(p) for p in re.findall(r"worker \d started \(pid (\d+)\)", proc.output)]
         assert len(pids) == 2
     finally:
         proc.signal(signal.SIGKILL)
