@@ -2,14 +2,15 @@
 
 Measured on Linux 6.18 (tests/integration/test_establish.py): a listener with
 TCP_FASTOPEN hands out the MPTCP socket as soon as the client's SYN with data
-arrives, in SYN_RECV. Bytes written to it then are queued but not sent when
-the client's third ACK completes the handshake; they stay queued until
-something else pushes the socket (another write, or setting TCP_NODELAY or
-TCP_CORK); setting one while still in SYN_RECV does not help. Plain TCP sends
-them at once. A converter that answers a 0-RTT
-request before the third ACK arrives, which is every time the client is more
-than a fraction of a millisecond away, would otherwise wait forever for a
-client that waits for the answer.
+arrives, in SYN_RECV. Bytes written to it then are not sent before the
+client's third ACK. Earlier 6.18 builds went further and kept them queued
+after that ACK, until something else pushed the socket (another write, or
+setting TCP_NODELAY or TCP_CORK; setting one while still in SYN_RECV does not
+help), so a converter answering a 0-RTT request from a client more than a
+fraction of a millisecond away waited forever. 6.18.44 sends them at the
+third ACK by itself; the probe in the test records which way the running
+kernel goes. The watcher stays because it costs one getsockopt per
+TFO-accepted socket and tick and the product must work on either build.
 
 :class:`EstablishWatcher` watches such sockets on one shared timer (a
 getsockopt per socket and tick) and, once the handshake is complete, sets
