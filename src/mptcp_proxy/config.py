@@ -18,6 +18,16 @@ from mptcp_proxy.errors import ConfigError
 from mptcp_proxy.modes.policy import DEFAULT_CLIENT_NETWORKS, IPNetwork, parse_networks
 
 
+def parse_on_off(text: str, key: str) -> bool:
+    """``on``/``off`` (also yes/no, true/false, 1/0) as a bool."""
+    value = text.strip().lower()
+    if value in ("on", "yes", "true", "1"):
+        return True
+    if value in ("off", "no", "false", "0"):
+        return False
+    raise ConfigError(key, f"expected on or off; got {text!r}")
+
+
 class UpstreamMode(enum.Enum):
     """How the proxy connects to its target."""
 
@@ -135,6 +145,10 @@ class ServerSettings:
     """In auto mode, remember a target that fell back to TCP for this many seconds."""
     log_connections: bool = True
     """Log one line per connection at close."""
+    dss_checksum: bool = True
+    """Ask for DSS checksums (RFC 8684 §3.3) on every MPTCP connection, both legs:
+    this kernel can deliver wrong bytes on multipath connections without them
+    (``net.mptcp.checksum_enabled`` held at 1 in the namespace, restored on exit)."""
 
     def __post_init__(self) -> None:
         if self.backlog < 1:

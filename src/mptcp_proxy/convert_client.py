@@ -18,6 +18,14 @@ What a call does:
   ``net.ipv4.tcp_fastopen`` (the kernel default). Without it, or without a
   cookie yet (the first connection to a converter only asks for one), the
   bytes follow the handshake and everything still works.
+* Data integrity: Linux can deliver wrong bytes on multipath connections
+  without DSS checksums (docs/kernel/dss-corruption.md). Through a converter
+  the connection is checksummed when either end asks (mptcp-proxy's
+  converter does by default); :attr:`ConnectionInfo.checksummed` says
+  whether it is. With ``dss_checksum=True`` (the default) the library goes
+  straight to an MPTCP target only when this host's namespace asks for
+  checksums itself (``net.mptcp.checksum_enabled=1``; the library never sets
+  it), so that shortcut never trades the converter's protection away.
 * Reads the converter's answer exactly (never a byte past it), so the
   returned socket is positioned at the server's first byte. An Error TLV
   raises the typed :class:`~mptcp_proxy.modes.convert_client.ConvertRefused`
@@ -78,7 +86,8 @@ from mptcp_proxy.modes.convert_client import (
     RefusedMissingCookie,
     target_key,
 )
-from mptcp_proxy.observe.sockinfo import SockInfoError, is_mptcp, tcp_info
+from mptcp_proxy.kernel.checksum import checksum_enabled
+from mptcp_proxy.observe.sockinfo import SockInfoError, is_mptcp, subflows_and_checksum, tcp_info
 from mptcp_proxy.wire.convert import TcpOption
 
 IPPROTO_MPTCP = 262
@@ -250,6 +259,8 @@ class ConnectionInfo:
     """The socket speaks MPTCP (False: plain TCP or an MPTCP fallback)."""
     cookie: bytes | None = None
     """The Convert cookie the successful request carried."""
+    checksummed: bool | None = None
+    """MPTCP DSS checksums are in use (RFC 8684 §3.3); None when not MPTCP."""
 
     @property
     def server_mptcp(self) -> bool | None:
@@ -297,6 +308,10 @@ class ConvertedConnection:
     @property
     def mptcp(self) -> bool:
         return self.info.mptcp
+
+    @property
+    def checksummed(self) -> bool | None:
+        return self.info.checksummed
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -436,11 +451,20 @@ def _tfo_outcome(sock: socket.socket, had_data: bool, attempted: bool) -> TfoOut
                 info.fastopen_client_fail, TfoOutcome.UNKNOWN)
 
 
-def _speaks_mptcp(sock: socket.socket) -> bool:
+def _mptcp_state(sock: socket.socket) -> tuple[bool, bool | None]:
+    """(speaks MPTCP, DSS checksums in use): ``(False, None)`` for TCP and fallback."""
     try:
-        return is_mptcp(sock)
+        if not is_mptcp(sock):
+            return False, None
+        return True, subflows_and_checksum(sock)[1]
     except OSError:
-        return False
+        return False, None
+
+
+def _direct_allowed(dss_checksum: bool) -> bool:
+    """Going straight to an MPTCP target keeps the checksums the converter
+    would have asked for only if this namespace asks for them itself."""
+    return not dss_checksum or checksum_enabled() is not False
 
 
 def _fmt(address: tuple) -> str:
@@ -594,12 +618,13 @@ def _direct_sync(target: Address, first_bytes: bytes, deadline: _Deadline,
     except ConverterConnectError:
         _LockedCache.forget(cache, target)
         return None
-    mptcp = _speaks_mptcp(sock)
+    mptcp, checksummed = _mptcp_state(sock)
     if not mptcp:
         _LockedCache.forget(cache, target)  # it fell back: not MPTCP any more
     sock.setblocking(True)
     return ConvertedConnection(sock, ConnectionInfo(
-        target=target, converter=None, direct=True, reply=None, tfo=outcome, mptcp=mptcp))
+        target=target, converter=None, direct=True, reply=None, tfo=outcome, mptcp=mptcp,
+        checksummed=checksummed))
 
 
 def open_connection(converter: tuple[str, int], target: tuple[str, int], *,
@@ -610,7 +635,8 @@ def open_connection(converter: tuple[str, int], target: tuple[str, int], *,
                     extended_options: Iterable[TcpOption] | None = None,
                     converters: ConverterRegistry = DEFAULT_CONVERTERS,
                     tfo_no_cookie: bool = False,
-                    avoid_stripped: bool = False) -> ConvertedConnection:
+                    avoid_stripped: bool = False,
+                    dss_checksum: bool = True) -> ConvertedConnection:
     """A connection to ``target`` through ``converter`` (or straight to an MPTCP target).
 
     ``converter`` and ``target`` are ``(host, port)``; names are resolved with
@@ -628,6 +654,8 @@ def open_connection(converter: tuple[str, int], target: tuple[str, int], *,
     ``tfo_no_cookie`` sets TCP_FASTOPEN_NO_COOKIE on the socket, for
     converters that accept SYN data without a TFO cookie.
     ``avoid_stripped`` refuses converter addresses marked "TFO stripped".
+    ``dss_checksum`` (default True) goes direct only when this namespace
+    asks for DSS checksums itself (see the module's notes); False: always.
 
     Raises :class:`ConvertRefused` (typed per Error code), a
     :class:`~mptcp_proxy.wire.convert.ConvertProtocolError` for an answer
@@ -640,7 +668,8 @@ def open_connection(converter: tuple[str, int], target: tuple[str, int], *,
     extended_options = _options(extended_options, cache, direct_if_mptcp)
     deadline = _Deadline(timeout)
     target_addr = _resolve_target_sync(target)
-    if direct_if_mptcp and cache is not None and _LockedCache.is_mptcp(cache, target_addr):
+    if direct_if_mptcp and cache is not None and _LockedCache.is_mptcp(cache, target_addr) \
+            and _direct_allowed(dss_checksum):
         direct = _direct_sync(target_addr, first_bytes, deadline, cache, tfo_no_cookie)
         if direct is not None:
             return direct
@@ -690,18 +719,18 @@ def _via_converter_sync(sockaddr: tuple, family: int, target: Address, first_byt
             sock.close()
             raise
         break
-    info = _accepted(conv, target, reply, outcome, _speaks_mptcp(sock), sent_cookie, cache)
+    info = _accepted(conv, target, reply, outcome, _mptcp_state(sock), sent_cookie, cache)
     sock.setblocking(True)
     return ConvertedConnection(sock, info)
 
 
 def _accepted(conv: Address, target: Address, reply: ConvertAccepted, outcome: TfoOutcome,
-              mptcp: bool, cookie: bytes | None, cache: MptcpTargetCache | None
-              ) -> ConnectionInfo:
+              mptcp: tuple[bool, bool | None], cookie: bytes | None,
+              cache: MptcpTargetCache | None) -> ConnectionInfo:
     if cache is not None and reply.server_mptcp:
         _LockedCache.remember(cache, target)
     return ConnectionInfo(target=target, converter=conv, direct=False, reply=reply,
-                          tfo=outcome, mptcp=mptcp, cookie=cookie)
+                          tfo=outcome, mptcp=mptcp[0], cookie=cookie, checksummed=mptcp[1])
 
 
 def query_converter(converter: tuple[str, int], *, timeout: float = DEFAULT_TIMEOUT_S
@@ -798,21 +827,23 @@ async def _open_async(converter: tuple[str, int], target: tuple[str, int], first
                       cookie: bytes | None, cache: MptcpTargetCache | None,
                       direct_if_mptcp: bool, extended_options: tuple[TcpOption, ...],
                       converters: ConverterRegistry, tfo_no_cookie: bool,
-                      avoid_stripped: bool, limit: int | None) -> ConvertedStreams:
+                      avoid_stripped: bool, limit: int | None,
+                      dss_checksum: bool) -> ConvertedStreams:
     loop = asyncio.get_running_loop()
     target_addr = _literal_target(target)
     if target_addr is None:
         family, sockaddr = (await _resolve_async(loop, "target", target))[0]
         target_addr = (sockaddr[0], sockaddr[1])
 
-    if direct_if_mptcp and cache is not None and _LockedCache.is_mptcp(cache, target_addr):
+    if direct_if_mptcp and cache is not None and _LockedCache.is_mptcp(cache, target_addr) \
+            and _direct_allowed(dss_checksum):
         try:
             sock, outcome = await _connect_async(loop, target_addr, _family(target_addr[0]),
                                                  first_bytes, tfo_no_cookie, "target")
         except ConverterConnectError:
             _LockedCache.forget(cache, target_addr)
         else:
-            mptcp = _speaks_mptcp(sock)
+            mptcp, checksummed = _mptcp_state(sock)
             if not mptcp:
                 _LockedCache.forget(cache, target_addr)
             try:
@@ -822,7 +853,7 @@ async def _open_async(converter: tuple[str, int], target: tuple[str, int], first
                 raise
             return ConvertedStreams(reader, writer, ConnectionInfo(
                 target=target_addr, converter=None, direct=True, reply=None, tfo=outcome,
-                mptcp=mptcp))
+                mptcp=mptcp, checksummed=checksummed))
     return await _via_converter_async(loop, converter, target_addr, first_bytes, cookie, cache,
                                       extended_options, converters, tfo_no_cookie,
                                       avoid_stripped, limit)
@@ -855,7 +886,7 @@ async def _via_converter_async(loop: asyncio.AbstractEventLoop, converter: tuple
                 break
             if outcome is TfoOutcome.NOT_ACKED:
                 converters.mark_tfo_stripped(conv)
-            mptcp = _speaks_mptcp(sock)
+            mptcp = _mptcp_state(sock)
             try:
                 reader, writer = await _wrap(sock, limit)
             except BaseException:
@@ -891,7 +922,8 @@ async def open_connection_async(converter: tuple[str, int], target: tuple[str, i
                                 extended_options: Iterable[TcpOption] | None = None,
                                 converters: ConverterRegistry = DEFAULT_CONVERTERS,
                                 tfo_no_cookie: bool = False, avoid_stripped: bool = False,
-                                limit: int | None = None) -> ConvertedStreams:
+                                limit: int | None = None,
+                                dss_checksum: bool = True) -> ConvertedStreams:
     """The asyncio form of :func:`open_connection`: ``reader, writer = await ...``.
 
     The result unpacks as ``(StreamReader, StreamWriter)`` and carries
@@ -907,7 +939,7 @@ async def open_connection_async(converter: tuple[str, int], target: tuple[str, i
         async with asyncio.timeout(deadline.left()):
             return await _open_async(converter, target, bytes(first_bytes), cookie, cache,
                                      direct_if_mptcp, options, converters,
-                                     tfo_no_cookie, avoid_stripped, limit)
+                                     tfo_no_cookie, avoid_stripped, limit, dss_checksum)
     except TimeoutError as exc:
         if isinstance(exc, ConvertTimeout):
             raise

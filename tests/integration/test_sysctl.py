@@ -176,3 +176,86 @@ def test_records_of_namespaces_that_are_gone_are_removed(ns, tmp_path):
         assert not stale.exists()
         assert len(list(tmp_path.glob("*.json"))) == 1   # its own
         holder.release()
+
+
+def test_a_holder_releases_in_its_own_namespace_whichever_thread_releases(ns, tmp_path):
+    """A server started in a lab namespace may be stopped from a thread in
+    another one: the value must be restored where it was set, and the other
+    namespace left untouched."""
+    from mptcp_proxy.kernel.sysctl import SharedSysctlBits
+
+    other = f"{ns}-b"
+    subprocess.run(["ip", "netns", "add", other], check=True)
+    try:
+        with netns.enter(ns):
+            original = read_sysctl(TFO)
+            holder = SharedSysctlBits(TFO, 0x200, state_dir=tmp_path)
+            holder.acquire()
+        with netns.enter(other):
+            before_other = read_sysctl(TFO)
+            holder.release()
+            assert read_sysctl(TFO) == before_other
+        with netns.enter(ns):
+            assert read_sysctl(TFO) == original
+    finally:
+        subprocess.run(["ip", "netns", "del", other], check=False)
+
+
+# --------------------------------------------------------------------------
+# DSS checksums: net.mptcp.checksum_enabled held like the TFO bits
+# --------------------------------------------------------------------------
+
+CSUM = "net.mptcp.checksum_enabled"
+
+
+def test_dss_checksum_is_held_and_given_back(ns, tmp_path):
+    from mptcp_proxy.kernel.checksum import checksum_enabled, hold_dss_checksum
+
+    with netns.enter(ns):
+        assert read_sysctl(CSUM) == "0"
+        assert checksum_enabled() is False
+        first = hold_dss_checksum(state_dir=tmp_path)
+        second = hold_dss_checksum(state_dir=tmp_path)
+        assert read_sysctl(CSUM) == "1" and checksum_enabled() is True
+        first.release()
+        assert read_sysctl(CSUM) == "1"        # the second user still needs it
+        second.release()
+        assert read_sysctl(CSUM) == "0"
+
+
+def test_dss_checksum_left_by_a_killed_proxy_is_restored_on_the_next_start(ns, tmp_path):
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from mptcp_proxy.kernel.checksum import hold_dss_checksum
+        hold_dss_checksum(state_dir=Path({str(tmp_path)!r}))
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", script])
+    assert proc.returncode == -9
+    with netns.enter(ns):
+        assert read_sysctl(CSUM) == "1"        # left behind by the dead holder
+        from mptcp_proxy.kernel.checksum import hold_dss_checksum
+        fresh = hold_dss_checksum(state_dir=tmp_path)
+        assert fresh is not None and fresh.recovered
+        assert read_sysctl(CSUM) == "1"
+        fresh.release()
+        assert read_sysctl(CSUM) == "0"        # the original, not the dead one's value
+
+
+def test_dss_checksum_that_cannot_be_recorded_says_what_to_do(ns, tmp_path):
+    from mptcp_proxy.kernel.checksum import hold_dss_checksum
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with netns.enter(ns):
+        with pytest.raises(KernelError, match="--dss-checksum off"):
+            hold_dss_checksum(state_dir=blocker / "sub")
+        assert read_sysctl(CSUM) == "0"
+        # Already on (set by an administrator): the proxy runs with it as it is.
+        subprocess.run(["sysctl", "-qw", f"{CSUM}=1"], check=True)
+        assert hold_dss_checksum(state_dir=blocker / "sub") is None
+        assert read_sysctl(CSUM) == "1"

@@ -65,6 +65,7 @@ def kernel_state(node: Node) -> dict[str, str]:
         "endpoints": run("ip", "mptcp", "endpoint", "show"),
         "limits": run("ip", "mptcp", "limits", "show"),
         "c_bit": node.sysctl("net.mptcp.allow_join_initial_addr_port"),
+        "dss_checksum": node.sysctl("net.mptcp.checksum_enabled"),
         "listeners": run("ss", "-Hltn"),
     }
 
@@ -157,6 +158,7 @@ def test_signalling_lets_the_client_join_the_proxy_over_wifi(oplab):
         # joins it over path 1 and the transfer uses both paths.
         proxy = start_proxy(lab.proxy, announce=(Announce(lab.proxy_public_addr),))
         runners.append(proxy)
+        assert lab.proxy.sysctl("net.mptcp.checksum_enabled") == "1"   # held while it runs
         counters = mptcp_counters(lab.proxy)
         client_counters = mptcp_counters(lab.client)
         # Longer: the join waits for the ADD_ADDR, so the first ~0.5 s has one path.
@@ -176,7 +178,7 @@ def test_signalling_lets_the_client_join_the_proxy_over_wifi(oplab):
     assert on.get("AddAddrTx", 0) >= 1 and client_on.get("AddAddr", 0) >= 1, (on, client_on)
     assert on.get("MPJoinSynRx", 0) >= 1 and on.get("MPJoinPortSynRx", 0) >= 1, on
     assert on.get("MismatchPortSynRx", 0) == 0, on
-    assert session.client_subflows >= 2
+    assert session.client_subflows >= 2 and session.client_csum is True
     assert session.side(session.upstream_mptcp, session.upstream_requested_mptcp) == "fallback"
     assert session.target == f"{lab.server_addr}:{PORT}"
     print(f"\ntransparent: one path {one.mbit:.1f} Mbit/s, signalled {both.mbit:.1f} Mbit/s "

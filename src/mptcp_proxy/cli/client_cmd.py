@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mptcp_proxy.cli.common import add_relay_options, relay_config
+from mptcp_proxy.cli.common import add_relay_options, dss_checksum, relay_config
 from mptcp_proxy.config import Endpoint, is_ip_literal
 from mptcp_proxy.errors import ConfigError
 from mptcp_proxy.modes.client_agent import DEFAULT_MARK, DEFAULT_TABLE, parse_captures
@@ -139,6 +139,7 @@ def config_from_args(args: argparse.Namespace, converters: tuple[Endpoint, ...] 
         relay=relay_config(args),
         drain_timeout=args.drain_timeout,
         log_connections=not args.no_conn_log,
+        dss_checksum=dss_checksum(args),
     )
 
 

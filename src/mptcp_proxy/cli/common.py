@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mptcp_proxy.config import RelayConfig, UpstreamMode
+from mptcp_proxy.config import RelayConfig, UpstreamMode, parse_on_off
 from mptcp_proxy.errors import ConfigError
 
 
@@ -27,6 +27,19 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
                        help="do not log one line per connection")
     group.add_argument("--workers", type=int, default=1, metavar="N",
                        help="worker processes sharing the port with SO_REUSEPORT (default 1)")
+    add_integrity_options(parser)
+
+
+def add_integrity_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dss-checksum", default="on", metavar="on|off",
+                        help="ask for MPTCP DSS checksums on every MPTCP connection (default "
+                             "on: without them this kernel can deliver wrong bytes on "
+                             "multipath connections). Sets net.mptcp.checksum_enabled=1 in "
+                             "this network namespace while running")
+
+
+def dss_checksum(args: argparse.Namespace) -> bool:
+    return parse_on_off(args.dss_checksum, "--dss-checksum")
 
 
 def add_policy_options(parser: argparse.ArgumentParser, peer: str = "proxy",
@@ -81,6 +94,7 @@ def server_settings(args: argparse.Namespace) -> dict:
         "drain_timeout": args.drain_timeout,
         "tcp_only_ttl": args.tcp_only_ttl,
         "log_connections": not args.no_conn_log,
+        "dss_checksum": dss_checksum(args),
     }
 
 

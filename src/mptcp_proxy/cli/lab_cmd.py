@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 
+from mptcp_proxy.config import parse_on_off
 from mptcp_proxy.errors import ConfigError, LabError
 from mptcp_proxy.lab import Lab, PathSpec, list_labs, remove_lab
 from mptcp_proxy.lab.topology import (
@@ -51,6 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          "every path, or one per path; default 0")
     up.add_argument("--topology", choices=TOPOLOGIES, default="basic",
                     help="topology to build (default basic)")
+    up.add_argument("--dss-checksum", default="on", metavar="on|off",
+                    help="end hosts (client, servers) ask for MPTCP DSS checksums (default "
+                         "on; off: the kernel default, which can deliver wrong bytes on "
+                         "multipath connections)")
     up.add_argument("--json", action="store_true", help="print the facts as JSON")
     up.set_defaults(func=cmd_up)
 
@@ -149,7 +154,8 @@ def format_facts(lab: Lab) -> str:
 
 def cmd_up(args: argparse.Namespace) -> int:
     specs = path_specs(args.paths, args.rate, args.delay, args.loss)
-    lab = Lab.create(specs, name=args.name, topology=args.topology, persistent=True)
+    lab = Lab.create(specs, name=args.name, topology=args.topology, persistent=True,
+                     dss_checksum=parse_on_off(args.dss_checksum, "--dss-checksum"))
     print(json.dumps(lab.facts(), indent=2) if args.json else format_facts(lab))
     return 0
 

@@ -173,6 +173,9 @@ class Connector:
         # foreign address (a transparent proxy keeping the client's address).
         self.transparent = transparent
         self.tcp_only = TcpOnlyCache(tcp_only_ttl)
+        # Called when no socket can be made (EMFILE, ENFILE, ENOBUFS, ENOMEM):
+        # the server stops accepting for a moment, as when accept() fails so.
+        self.out_of_resources: Callable[[], None] | None = None
         self.mptcp_available = True
         self.fallbacks = 0
 
@@ -203,6 +206,8 @@ class Connector:
         try:
             sock = self._socket(family, want_mptcp)
         except OSError as exc:
+            if exc.errno in RESOURCE_ERRNOS and self.out_of_resources is not None:
+                self.out_of_resources()
             callback(ConnectResult(None, upstream_error(exc.errno or 0, label), want_mptcp, False))
             return None
         if sock.proto != IPPROTO_MPTCP:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mptcp_proxy.errors import KernelError
+from mptcp_proxy.kernel import netns
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,9 @@ class SharedSysctlBits:
         self.token = f"{os.getpid()}:{_process_start(os.getpid())}:{id(self):x}"
         self.path: Path | None = None
         self.held = False
+        # The namespace acquired in: release() restores there, whichever thread
+        # (and namespace) it runs in; /proc/sys/net follows the calling thread.
+        self._netns_fd: int | None = None
         self.recovered = False
         """A record left by holders that all died was found (and undone) by acquire()."""
 
@@ -144,6 +148,7 @@ class SharedSysctlBits:
         except OSError as exc:
             raise KernelError(f"cannot record the users of {self.key} in {self.state_dir}: "
                               f"{exc.strerror}") from None
+        self._netns_fd = netns.open_current()
 
     def _acquire(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -173,11 +178,16 @@ class SharedSysctlBits:
         if not self.held:
             return
         self.held = False
+        fd, self._netns_fd = self._netns_fd, None
         try:
-            self._release()
+            with netns.in_netns(fd):
+                self._release()
         except OSError as exc:
             raise KernelError(f"cannot update the users of {self.key} in {self.state_dir}: "
                               f"{exc.strerror}") from None
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def _release(self) -> None:
         with self._locked() as record:

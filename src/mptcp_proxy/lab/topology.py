@@ -560,11 +560,20 @@ def render_shaping(plan: LabPlan, role: str) -> list[str]:
     return lines
 
 
-def node_sysctls(role: str, topology: str = "basic") -> list[tuple[str, int]]:
+HOST_ROLES = ("client", "server", "mpserver")
+"""Namespaces that stand for end hosts (the others run proxies or route)."""
+
+
+def node_sysctls(role: str, topology: str = "basic",
+                 dss_checksum: bool = True) -> list[tuple[str, int]]:
     """Sysctls for ``role``'s namespace, set before any interface exists.
 
     ``default`` values are what new interfaces inherit, so writing them first
-    covers every veth of the lab.
+    covers every veth of the lab. ``dss_checksum``: the end hosts ask for
+    MPTCP DSS checksums, so that a direct MPTCP transfer in the lab (a
+    baseline) cannot get wrong bytes from the kernel's known fault
+    (docs/kernel/dss-corruption.md); the proxy's namespace is left to the
+    proxy, whose own default is to ask.
     """
     values: list[tuple[str, int]] = []
     for scope in ("all", "default"):
@@ -582,6 +591,8 @@ def node_sysctls(role: str, topology: str = "basic") -> list[tuple[str, int]]:
     ]
     if role in ("proxy", "wifi"):
         values += [("net.ipv4.ip_forward", 1), ("net.ipv6.conf.all.forwarding", 1)]
+    if dss_checksum and role in HOST_ROLES:
+        values.append(("net.mptcp.checksum_enabled", 1))
     if topology == "operator" and role == "server":
         # The operator lab's server speaks plain TCP whatever runs there.
         values.append(("net.mptcp.enabled", 0))
@@ -718,8 +729,12 @@ class Lab:
     @classmethod
     def create(cls, paths: Sequence[PathSpec] = (PathSpec(), PathSpec()), *,
                name: str | None = None, topology: str = "basic",
-               persistent: bool = False) -> Lab:
+               persistent: bool = False, dss_checksum: bool = True) -> Lab:
         """Build a lab and return it, ready to use.
+
+        ``dss_checksum``: the client and server namespaces ask for MPTCP DSS
+        checksums (False: the kernel's default, no checksums, e.g. to show
+        that a proxy asks for them itself).
 
         ``persistent`` labs outlive this process (the CLI's ``lab up``); any
         other lab is destroyed at the latest when the interpreter exits or
@@ -734,7 +749,7 @@ class Lab:
         if not persistent:
             _register(lab)
         try:
-            lab._build()
+            lab._build(dss_checksum)
         except BaseException:
             lab.destroy()
             raise
@@ -759,11 +774,11 @@ class Lab:
         lab.impair_pid = data.get("impair_pid")
         return lab
 
-    def _build(self) -> None:
+    def _build(self, dss_checksum: bool = True) -> None:
         plan = self.plan
         netns.ip_batch([f"netns add {ns}" for ns in plan.namespaces])
         for node in self.nodes:
-            netns.sysctls(node.ns, node_sysctls(node.role, plan.topology))
+            netns.sysctls(node.ns, node_sysctls(node.role, plan.topology, dss_checksum))
         netns.ip_batch(render_links(plan))
         for node in self.nodes:
             lines, lines6 = render_node(plan, node.role)

@@ -746,6 +746,27 @@ def live_subflow_count(sock: FdLike) -> int:
         if e.errno in _NOT_MPTCP_ERRNOS:
             return 1
         raise
+    return _subflow_count(data)
+
+
+_CSUM_OFFSET = {name: off for name, off, _ in _MPTCP_INFO_LAYOUT}["csum_enabled"]
+
+
+def subflows_and_checksum(sock: FdLike) -> tuple[int, bool | None]:
+    """(live subflows, DSS checksum negotiated) of an MPTCP connection from one
+    ``MPTCP_INFO`` read; (1, None) for TCP and fallback. The checksum flag
+    (``mptcpi_csum_enabled``, Linux 5.14+) is None where the kernel lacks it."""
+    try:
+        data = _getsockopt_bytes(_sock_or_fd(sock), SOL_MPTCP, MPTCP_INFO, MPTCP_INFO_LEN)
+    except OSError as e:
+        if e.errno in _NOT_MPTCP_ERRNOS:
+            return 1, None
+        raise
+    return _subflow_count(data), (bool(data[_CSUM_OFFSET]) if len(data) > _CSUM_OFFSET
+                                  else None)
+
+
+def _subflow_count(data: bytes) -> int:
     if len(data) > _SUBFLOWS_TOTAL_OFFSET and data[_SUBFLOWS_TOTAL_OFFSET]:
         return data[_SUBFLOWS_TOTAL_OFFSET]
     return (data[0] + 1) if data else 1

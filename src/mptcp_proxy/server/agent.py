@@ -76,7 +76,7 @@ from mptcp_proxy.modes.convert_client import (
 )
 from mptcp_proxy.modes.socks5 import Socks5Error, Socks5Handshake, Socks5Reply
 from mptcp_proxy.observe.sockinfo import SockInfoError, parse_sockaddr, tcp_info
-from mptcp_proxy.server.base import Session, format_addr, open_listener
+from mptcp_proxy.server.base import Session, format_addr, open_listener, server_arguments
 from mptcp_proxy.server.handshake import CLOSING, DONE, HandshakeServer, Handshaking
 from mptcp_proxy.wire.convert import ConvertProtocolError
 
@@ -142,6 +142,8 @@ class AgentConfig:
     backlog: int = 1024
     drain_timeout: float = 10.0
     log_connections: bool = True
+    dss_checksum: bool = True
+    """Ask for DSS checksums on the MPTCP connections to converters and servers."""
 
     def __post_init__(self) -> None:
         if not self.converters:
@@ -325,8 +327,7 @@ class ClientAgent(HandshakeServer):
 
     def __init__(self, config: AgentConfig, reactor: Reactor | None = None,
                  resolver: Resolver | None = None) -> None:
-        super().__init__(config.relay, drain_timeout=config.drain_timeout,
-                         log_connections=config.log_connections, reactor=reactor)
+        super().__init__(**server_arguments(config), reactor=reactor)
         self.config = config
         self.connector = MarkedConnector(self.reactor, mark=config.mark,
                                          tfo_no_cookie=config.tfo_no_cookie,
@@ -337,6 +338,7 @@ class ClientAgent(HandshakeServer):
         self.direct_connector = MarkedConnector(self.reactor, mark=config.mark,
                                                 tfo_no_cookie=False,
                                                 timeout=config.relay.connect_timeout)
+        self.direct_connector.out_of_resources = self.upstream_out_of_fds
         self.mptcp_targets = MptcpTargetCache(config.mptcp_cache_ttl)
         self.cookies: dict[tuple[str, int], bytes] = {}
         self.tfo_stripped: set[tuple[str, int]] = set()
@@ -361,6 +363,7 @@ class ClientAgent(HandshakeServer):
         self._netns_fd = netns.open_current()
         try:
             self._lock = _namespace_lock(self.config.table)
+            self.hold_kernel_state()
             self.converters = self._resolve_converters()
             self._check_mark()
             self.tfo_client = _tfo_client_enabled()

@@ -42,7 +42,9 @@ from mptcp_proxy.modes.request import ConnectRequest
 from mptcp_proxy.modes.policy import (
     ClientPolicy, IPAddress, TargetPolicy, normalize, parse_address,
 )
-from mptcp_proxy.server.base import Session, client_error_reason, format_addr, open_listener
+from mptcp_proxy.server.base import (
+    Session, client_error_reason, format_addr, open_listener, server_arguments,
+)
 from mptcp_proxy.server.handshake import CLOSING, HandshakeServer, Handshaking
 
 log = logging.getLogger("mptcp_proxy.app_proxy")
@@ -75,8 +77,7 @@ class AppProxyServer(HandshakeServer):
 
     def __init__(self, config: AppProxyConfig, reactor: Reactor | None = None,
                  resolver: Resolver | None = None) -> None:
-        super().__init__(config.relay, drain_timeout=config.drain_timeout,
-                         log_connections=config.log_connections, reactor=reactor)
+        super().__init__(**server_arguments(config), reactor=reactor)
         self.config = config
         self.mode_name = config.protocol
         self.connector = Connector(self.reactor, config.upstream,
@@ -90,9 +91,15 @@ class AppProxyServer(HandshakeServer):
 
     # -- lifecycle ------------------------------------------------------------
     def start(self, reuseport: bool = False) -> "AppProxyServer":
-        """Open the listener and read the proxy's own addresses (this thread's netns)."""
-        self.add_listener(open_listener(self.config.listen, backlog=self.config.backlog,
-                                        reuseport=reuseport))
+        """Hold the kernel state, open the listener and read the proxy's own
+        addresses (this thread's netns)."""
+        self.hold_kernel_state()
+        try:
+            self.add_listener(open_listener(self.config.listen, backlog=self.config.backlog,
+                                            reuseport=reuseport))
+        except BaseException:
+            self.restore_kernel()
+            raise
         self.refresh_own_addresses()
         return self
 

@@ -22,8 +22,10 @@ from mptcp_proxy.dataplane.connect import ConnectResult, Connector
 from mptcp_proxy.dataplane.pipes import RESOURCE_ERRNOS
 from mptcp_proxy.dataplane.reactor import EPOLLIN, Reactor, Timer
 from mptcp_proxy.dataplane.relay import LINGER_ABORT, Relay, RelayEngine
-from mptcp_proxy.errors import ConfigError
-from mptcp_proxy.observe.sockinfo import IPPROTO_MPTCP, is_mptcp, live_subflow_count
+from mptcp_proxy.errors import ConfigError, KernelError
+from mptcp_proxy.kernel.checksum import CHECKSUM_SYSCTL, hold_dss_checksum
+from mptcp_proxy.kernel.sysctl import SharedSysctlBits
+from mptcp_proxy.observe.sockinfo import IPPROTO_MPTCP, is_mptcp, subflows_and_checksum
 
 log = logging.getLogger("mptcp_proxy.server")
 conn_log = logging.getLogger("mptcp_proxy.conn")
@@ -46,6 +48,8 @@ class Session:
     upstream_mptcp: bool | None
     upstream_subflows: int
     extra: dict | None
+    client_csum: bool | None = None
+    upstream_csum: bool | None = None
 
     def side(self, mptcp: bool | None, requested: bool = True) -> str:
         if mptcp is None:
@@ -72,6 +76,11 @@ class ServerStats:
 
     def count_reason(self, reason: str) -> None:
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+
+def yes_no(flag: bool | None) -> str:
+    """The log line's spelling of a flag that may be unknown."""
+    return "-" if flag is None else ("yes" if flag else "no")
 
 
 def format_addr(addr: tuple) -> str:
@@ -124,14 +133,27 @@ def open_listener(endpoint: Endpoint, *, mptcp: bool = True, backlog: int = 4096
     return sock
 
 
+def server_arguments(settings) -> dict:  # type: ignore[no-untyped-def]
+    """:class:`ProxyServer`'s arguments from a mode's settings (a
+    :class:`~mptcp_proxy.config.ServerSettings` or the agent's config)."""
+    return {"relay_config": settings.relay, "drain_timeout": settings.drain_timeout,
+            "log_connections": settings.log_connections,
+            "dss_checksum": settings.dss_checksum}
+
+
 class ProxyServer:
     """Accept loop, limits, relay engine and graceful stop for one mode."""
 
     mode_name = "proxy"
 
     def __init__(self, relay_config: RelayConfig, *, drain_timeout: float = 10.0,
-                 log_connections: bool = True, reactor: Reactor | None = None) -> None:
+                 log_connections: bool = True, dss_checksum: bool = False,
+                 reactor: Reactor | None = None) -> None:
         self.relay_config = relay_config
+        self.dss_checksum = dss_checksum
+        # Namespace sysctls held while the server runs (DSS checksums, the
+        # converter's TFO bits); released by restore_kernel() at the end.
+        self.sysctls: list[SharedSysctlBits] = []
         self.reactor = reactor or Reactor()
         self.engine = RelayEngine(
             self.reactor, splice=relay_config.splice, pipe_size=relay_config.pipe_size,
@@ -150,7 +172,7 @@ class ProxyServer:
         # Upstream connects in flight for connect_and_relay: id -> (pending, sock, session).
         self._connecting: dict[int, tuple] = {}
         # Set by modes that connect upstream (connect_and_relay uses it).
-        self.connector: Connector | None = None
+        self._connector: Connector | None = None
         # Called with (session, reason, bytes_up, bytes_down, duration) at every close.
         self.session_listeners: list = []
         # Session id -> (bytes already sent upstream before the relay, length of
@@ -159,7 +181,46 @@ class ProxyServer:
         nofile = raise_fd_limit()
         self.max_connections = relay_config.max_connections or max(16, (nofile - FD_RESERVE) // 2)
 
+    @property
+    def connector(self) -> Connector | None:
+        return self._connector
+
+    @connector.setter
+    def connector(self, connector: Connector | None) -> None:
+        self._connector = connector
+        if connector is not None:
+            connector.out_of_resources = self.upstream_out_of_fds
+
+    def upstream_out_of_fds(self) -> None:
+        """No fd for an upstream socket: pause accepting as for EMFILE in
+        accept(). Otherwise, with an odd number of fds free, accept() takes
+        the last one every time, the upstream socket fails, and each waiting
+        client is reset instead of waiting in the backlog."""
+        if not self._accept_paused:
+            log.warning("upstream socket: out of file descriptors; pausing accepts for %.1fs",
+                        ACCEPT_PAUSE)
+        self._pause_accept(ACCEPT_PAUSE)
+
     # -- lifecycle ----------------------------------------------------------
+    def hold_kernel_state(self) -> None:
+        """What every mode's start() does first, in the namespace it serves:
+        DSS checksums for every MPTCP connection accepted or opened from now
+        on (``net.mptcp.checksum_enabled`` is read at socket creation and at
+        SYN time). A start that fails afterwards calls :meth:`restore_kernel`."""
+        if self.dss_checksum and not any(h.key == CHECKSUM_SYSCTL for h in self.sysctls):
+            holder = hold_dss_checksum()
+            if holder is not None:
+                self.sysctls.append(holder)
+
+    def restore_kernel(self) -> None:
+        """Give back the sysctls held (idempotent; the last user of a shared
+        value in the namespace restores it)."""
+        while self.sysctls:
+            try:
+                self.sysctls.pop().release()
+            except (KernelError, OSError) as exc:
+                log.error("could not restore sysctls: %s", exc)
+
     def add_listener(self, sock: socket.socket) -> None:
         self.listeners.append(sock)
         self.reactor.register(sock.fileno(), EPOLLIN, lambda ev, s=sock: self._on_accept(s))
@@ -249,8 +310,11 @@ class ProxyServer:
             self.reactor.unregister(sock.fileno())
             sock.close()
         self.listeners.clear()
-        self.engine.close()
-        self.reactor.close()
+        try:
+            self.engine.close()
+            self.reactor.close()
+        finally:
+            self.restore_kernel()
 
     # -- accepting ----------------------------------------------------------
     def _on_accept(self, listener: socket.socket) -> None:
@@ -354,14 +418,19 @@ class ProxyServer:
         self._sample_subflows(relay)
 
     def _sample_subflows(self, relay: Relay) -> None:
-        """Subflow counts are live counts (MPTCP_INFO); the log keeps the most seen."""
+        """Subflow counts are live counts (MPTCP_INFO); the log keeps the most
+        seen. The same read says whether the leg is DSS-checksummed."""
         session: Session = relay.meta  # type: ignore[assignment]
         if session.client_mptcp is None:
             session.client_mptcp = _safe_is_mptcp(relay.sa)
-        session.client_subflows = max(session.client_subflows,
-                                      _subflows(relay.sa, session.client_mptcp))
-        session.upstream_subflows = max(session.upstream_subflows,
-                                        _subflows(relay.sb, bool(session.upstream_mptcp)))
+        count, csum = _subflows(relay.sa, session.client_mptcp)
+        session.client_subflows = max(session.client_subflows, count)
+        if csum is not None:
+            session.client_csum = csum
+        count, csum = _subflows(relay.sb, bool(session.upstream_mptcp))
+        session.upstream_subflows = max(session.upstream_subflows, count)
+        if csum is not None:
+            session.upstream_csum = csum
 
     def relay_closed(self, relay: Relay) -> None:
         if self._corrections:
@@ -383,12 +452,14 @@ class ProxyServer:
         if self.log_connections and conn_log.isEnabledFor(logging.INFO):
             conn_log.info(
                 "conn=%d mode=%s client=%s target=%s client_side=%s client_subflows=%d "
-                "upstream_side=%s upstream_subflows=%d bytes_up=%d bytes_down=%d "
-                "duration=%.3fs reason=%s%s",
+                "client_csum=%s upstream_side=%s upstream_subflows=%d upstream_csum=%s "
+                "bytes_up=%d bytes_down=%d duration=%.3fs reason=%s%s",
                 session.id, self.mode_name, session.client, session.target,
                 session.side(session.client_mptcp, requested=False), session.client_subflows,
+                yes_no(session.client_csum),
                 session.side(session.upstream_mptcp, session.upstream_requested_mptcp),
-                session.upstream_subflows, up, down, duration, reason,
+                session.upstream_subflows, yes_no(session.upstream_csum), up, down,
+                duration, reason,
                 "".join(f" {k}={v}" for k, v in (session.extra or {}).items()))
         if self._accept_paused and self._resume_timer is None and \
                 self.open_sessions < self.max_connections:
@@ -432,11 +503,12 @@ def _safe_is_mptcp(sock: socket.socket) -> bool:
         return False
 
 
-def _subflows(sock: socket.socket, mptcp: bool | None) -> int:
-    """Live subflows now: 1 for TCP or fallback, MPTCP_INFO otherwise."""
+def _subflows(sock: socket.socket, mptcp: bool | None) -> tuple[int, bool | None]:
+    """(live subflows now, DSS checksum in use): (1, None) for TCP, fallback
+    or a socket the kernel no longer answers for; MPTCP_INFO otherwise."""
     if not mptcp:
-        return 1
+        return 1, None
     try:
-        return live_subflow_count(sock)
+        return subflows_and_checksum(sock)
     except OSError:
-        return 1
+        return 1, None

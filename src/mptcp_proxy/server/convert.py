@@ -50,7 +50,7 @@ from mptcp_proxy.observe.sockinfo import (
     IPPROTO_MPTCP, TCPI_OPT_SACK, TCPI_OPT_SYN_DATA, TCPI_OPT_TIMESTAMPS, TCPI_OPT_WSCALE,
     TCP_SYN_RECV, SockInfoError, mptcp_info, tcp_options, tcp_state_and_option_bits,
 )
-from mptcp_proxy.server.base import Session, client_error_reason, open_listener
+from mptcp_proxy.server.base import Session, client_error_reason, open_listener, server_arguments
 from mptcp_proxy.server.handshake import CLOSING, DONE, HandshakeServer, Handshaking
 from mptcp_proxy.wire.convert import TcpOptionKind
 
@@ -132,16 +132,13 @@ class ConvertServer(HandshakeServer):
     mode_name = "convert"
 
     def __init__(self, config: ConvertConfig, reactor: Reactor | None = None) -> None:
-        super().__init__(config.relay, drain_timeout=config.drain_timeout,
-                         log_connections=config.log_connections, reactor=reactor)
+        super().__init__(**server_arguments(config), reactor=reactor)
         self.config = config
         self.connector = Connector(self.reactor, config.upstream,
                                    timeout=config.relay.connect_timeout,
                                    tcp_only_ttl=config.tcp_only_ttl)
         self.error_limiter = TokenBucket(config.error_rate, config.error_burst)
         self.convert_stats = ConvertStats()
-        # net.ipv4.tcp_fastopen bits, shared with other converters of the namespace.
-        self.sysctls: list[SharedSysctlBits] = []
         self.establish = EstablishWatcher(self.reactor)
         self.settings = ConvertSettings()
         self.tfo_enabled = False
@@ -161,6 +158,7 @@ class ConvertServer(HandshakeServer):
     def start(self, reuseport: bool = False) -> "ConvertServer":
         """Set the sysctls, open the TFO listener, build the policy (in this thread's netns)."""
         try:
+            self.hold_kernel_state()
             if self.config.manage_sysctls:
                 self._hold_tfo_bits(tfo_sysctl_bits(self.config))
             listener = open_listener(self.config.listen, backlog=self.config.backlog,
@@ -178,19 +176,6 @@ class ConvertServer(HandshakeServer):
             raise
         self.refresh_own_addresses()
         return self
-
-    def serve_forever(self, install_signals: bool = True) -> None:
-        try:
-            super().serve_forever(install_signals)
-        finally:
-            self.restore_kernel()
-
-    def restore_kernel(self) -> None:
-        while self.sysctls:
-            try:
-                self.sysctls.pop().release()
-            except (KernelError, OSError) as exc:
-                log.error("could not restore sysctls: %s", exc)
 
     def _hold_tfo_bits(self, bits: int) -> None:
         if bits:

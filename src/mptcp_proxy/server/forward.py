@@ -7,15 +7,14 @@ import socket
 from mptcp_proxy.config import ForwardConfig
 from mptcp_proxy.dataplane.connect import Connector
 from mptcp_proxy.dataplane.reactor import Reactor
-from mptcp_proxy.server.base import ProxyServer, Session, open_listener
+from mptcp_proxy.server.base import ProxyServer, Session, open_listener, server_arguments
 
 
 class ForwardServer(ProxyServer):
     mode_name = "forward"
 
     def __init__(self, config: ForwardConfig, reactor: Reactor | None = None) -> None:
-        super().__init__(config.relay, drain_timeout=config.drain_timeout,
-                         log_connections=config.log_connections, reactor=reactor)
+        super().__init__(**server_arguments(config), reactor=reactor)
         self.config = config
         # Resolved once at start: a name lookup per connection would put DNS on
         # the hot path; restart (or a future reload) picks up new addresses.
@@ -26,8 +25,14 @@ class ForwardServer(ProxyServer):
                                    tcp_only_ttl=config.tcp_only_ttl)
 
     def start(self, reuseport: bool = False) -> "ForwardServer":
-        self.add_listener(open_listener(self.config.listen, backlog=self.config.backlog,
-                                        reuseport=reuseport))
+        """Hold the kernel state, open the listener (in this thread's netns)."""
+        self.hold_kernel_state()
+        try:
+            self.add_listener(open_listener(self.config.listen, backlog=self.config.backlog,
+                                            reuseport=reuseport))
+        except BaseException:
+            self.restore_kernel()
+            raise
         return self
 
     def handle_accept(self, sock: socket.socket, addr: tuple, session: Session) -> None:

@@ -57,7 +57,7 @@ from mptcp_proxy.modes.transparent import (
 from mptcp_proxy.modes.policy import (
     IPNetwork, TargetPolicy, normalize, parse_address, parse_networks,
 )
-from mptcp_proxy.server.base import ProxyServer, Session, format_addr, open_listener
+from mptcp_proxy.server.base import ProxyServer, Session, format_addr, open_listener, server_arguments
 
 log = logging.getLogger("mptcp_proxy.transparent")
 
@@ -268,8 +268,7 @@ class TransparentServer(ProxyServer):
     mode_name = "transparent"
 
     def __init__(self, config: TransparentConfig, reactor: Reactor | None = None) -> None:
-        super().__init__(config.relay, drain_timeout=config.drain_timeout,
-                         log_connections=config.log_connections, reactor=reactor)
+        super().__init__(**server_arguments(config), reactor=reactor)
         self.config = config
         self.connector = Connector(self.reactor, config.upstream,
                                    timeout=config.relay.connect_timeout,
@@ -303,6 +302,7 @@ class TransparentServer(ProxyServer):
         try:
             self._lock = _namespace_lock()
             self.recovered = recover_stale_state()
+            self.hold_kernel_state()
             self._open_listener()
             self._install()
         except BaseException:

@@ -1,0 +1,67 @@
+"""DSS checksums (RFC 8684 §3.3) on every MPTCP connection the proxy touches.
+
+Linux 6.18 can hand a reader wrong bytes on a multipath connection without an
+error when the DSS checksum is off (its default): TCP's own checksum passes,
+and only the MPTCP-level checksum catches a data-sequence mapping that points
+at the wrong place (docs/kernel/dss-corruption.md). The checksum is
+negotiated in the MP_CAPABLE handshake and used by both ends as soon as
+either asks (RFC 8684 §3.1), so one end asking protects the connection.
+
+The kernel has no per-socket option for it: ``net.mptcp.checksum_enabled``
+in the socket's network namespace decides, read when the socket is created
+(connect) or when the SYN reaches the listener (accept). A proxy therefore
+holds that sysctl at 1 for as long as it runs, shared with the other proxies
+of the namespace and restored by the last one to exit, or by the next start
+after a crash (:class:`~mptcp_proxy.kernel.sysctl.SharedSysctlBits`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from mptcp_proxy.errors import KernelError
+from mptcp_proxy.kernel.sysctl import SHARED_STATE_DIR, SharedSysctlBits, read_sysctl
+
+log = logging.getLogger(__name__)
+
+CHECKSUM_SYSCTL = "net.mptcp.checksum_enabled"
+
+
+def checksum_enabled() -> bool | None:
+    """The calling thread's namespace asks for DSS checksums (None: the kernel
+    has no such sysctl, i.e. no MPTCP or older than Linux 5.14)."""
+    try:
+        return read_sysctl(CHECKSUM_SYSCTL) == "1"
+    except KernelError:
+        return None
+
+
+def hold_dss_checksum(option: str = "--dss-checksum",
+                      state_dir: Path = SHARED_STATE_DIR) -> SharedSysctlBits | None:
+    """Turn DSS checksums on in the calling thread's namespace until released.
+
+    Returns the holder to ``release()`` at exit, or None when the value could
+    not be recorded (no write access to ``/run`` or ``/proc/sys``) but is 1
+    already: checksums are in force, set by someone else. Raises
+    :class:`KernelError` saying what to do when they cannot be turned on.
+    """
+    holder = SharedSysctlBits(CHECKSUM_SYSCTL, 1, state_dir)
+    try:
+        holder.acquire()
+    except KernelError as exc:
+        enabled = checksum_enabled()
+        if enabled is None:
+            raise KernelError(f"{CHECKSUM_SYSCTL} is missing (MPTCP off, or a kernel older "
+                              f"than 5.14): DSS checksums are unavailable; pass "
+                              f"{option} off to run without them") from None
+        if enabled:
+            log.warning("%s is 1 but this process cannot register as a user of it (%s); "
+                        "leaving it as it is", CHECKSUM_SYSCTL, exc)
+            return None
+        raise KernelError(f"cannot turn on DSS checksums ({exc}): run as root (writing "
+                          f"{CHECKSUM_SYSCTL} needs CAP_NET_ADMIN and CAP_DAC_OVERRIDE), "
+                          f"set it to 1 yourself, or pass {option} off") from None
+    if holder.recovered:
+        log.warning("%s: restored what a process that died had left set", CHECKSUM_SYSCTL)
+    return holder

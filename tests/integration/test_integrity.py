@@ -1,0 +1,181 @@
+"""Data integrity: every MPTCP leg the proxy touches asks for DSS checksums.
+
+Linux 6.18 can hand a reader wrong bytes on multipath connections when the
+DSS checksum is off (docs/kernel/dss-corruption.md): two 100 Mbit/s paths,
+the second subflow joining mid-transfer, are where the reproducer shows it.
+This lab has that shape, and its client and server namespaces do *not* ask
+for checksums (the kernel default), so any checksum on the wire was asked
+for by the proxy. For each mode with an MPTCP client leg: hashed multipath
+transfers both ways, each connection's client socket MPTCP with two
+subflows and ``mptcpi_csum_enabled`` set, and the proxy's own view of both
+legs (the log line's ``client_csum``/``upstream_csum``). With
+``dss_checksum=False`` the same legs are not checksummed, which shows the
+flag comes from the proxy and that the check can fail.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+import pytest
+
+from mptcp_proxy.config import Endpoint, ForwardConfig, RelayConfig, UpstreamMode
+from mptcp_proxy.config_app_proxy import AppProxyConfig
+from mptcp_proxy.config_convert import ConvertConfig
+from mptcp_proxy.convert_client import open_connection
+from mptcp_proxy.kernel.checksum import CHECKSUM_SYSCTL
+from mptcp_proxy.lab import Lab, PathSpec
+from mptcp_proxy.lab.traffic import set_client_subflows
+from mptcp_proxy.modes.app_proxy import HTTP_CONNECT, SOCKS5
+from mptcp_proxy.modes.policy import parse_networks
+from mptcp_proxy.observe.sockinfo import is_mptcp, mptcp_info
+from mptcp_proxy.server.app_proxy import AppProxyServer
+from mptcp_proxy.server.convert import ConvertServer
+from mptcp_proxy.server.forward import ForwardServer
+from tests.support.lab_env import conn_log, log_lines, read_exact, relay_rest  # noqa: F401
+from tests.support.servers import HashServer, ProxyRunner
+from tests.support.traffic import IPPROTO_MPTCP, payload, sha256
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+]
+
+SIZE = 512 * 1024
+TRANSFERS = 12          # per mode; benchmarks/integrity.py runs >= 1,000
+DOWN = payload(SIZE, 77)
+MODES = ("forward", "convert", "socks5", "http-connect")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with Lab.create([PathSpec(rate_mbit=100), PathSpec(rate_mbit=100)],
+                    dss_checksum=False) as lab:
+        set_client_subflows(lab, 2)
+        with lab.server.enter():
+            server = HashServer(lab.server_addr, mptcp=True, reply_fn=lambda i: DOWN)
+        try:
+            yield lab, server
+        finally:
+            server.close()
+
+
+def start(lab: Lab, mode: str, target: tuple, dss_checksum: bool = True) -> ProxyRunner:
+    k = lab.server_addr.split(".")[1]
+    common = dict(listen=Endpoint(lab.paths[0].proxy_addr, 0), upstream=UpstreamMode.MPTCP,
+                  relay=RelayConfig(connect_timeout=3), dss_checksum=dss_checksum)
+    allow = parse_networks([f"10.{k}.0.0/16"], "t")
+    with lab.proxy.enter():
+        if mode == "forward":
+            server = ForwardServer(ForwardConfig(target=Endpoint(*target), **common)).start()
+        elif mode == "convert":
+            server = ConvertServer(ConvertConfig(allow_targets=allow, tfo_no_cookie=True,
+                                                 **common)).start()
+        else:
+            protocol = SOCKS5 if mode == "socks5" else HTTP_CONNECT
+            server = AppProxyServer(AppProxyConfig(protocol=protocol, allow_targets=allow,
+                                                   **common)).start()
+    return ProxyRunner(server, netns=lab.proxy.ns).start()
+
+
+def open_client(lab: Lab, mode: str, proxy: tuple, target: tuple) -> socket.socket:
+    """A client socket in the client ns, through ``mode``'s handshake, ready to relay."""
+    with lab.client.enter():
+        if mode == "convert":
+            conn = open_connection(proxy, target, cache=None, tfo_no_cookie=True, timeout=10)
+            sock = conn.sock
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
+            sock.settimeout(10)
+            sock.connect(proxy)
+    if mode == "socks5":
+        sock.sendall(b"\x05\x01\x00" + b"\x05\x01\x00\x01" + socket.inet_aton(target[0])
+                     + struct.pack("!H", target[1]))
+        assert read_exact(sock, 2) == b"\x05\x00"
+        assert read_exact(sock, 10)[:2] == b"\x05\x00"
+    elif mode == "http-connect":
+        host = f"{target[0]}:{target[1]}"
+        sock.sendall(f"CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            chunk = sock.recv(1)
+            assert chunk, "proxy closed before its answer"
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 200"), head
+    sock.settimeout(30)
+    return sock
+
+
+def exchange(lab: Lab, mode: str, proxy: tuple, target: tuple, seed: int) -> dict:
+    """One hashed transfer each way; what the client's kernel says of its socket."""
+    up = payload(SIZE, seed)
+    sock = open_client(lab, mode, proxy, target)
+    with sock:
+        down = relay_rest(sock, up)
+        info = mptcp_info(sock)
+        return {"up": sha256(up), "down_ok": down == DOWN, "down_len": len(down),
+                "mptcp": is_mptcp(sock), "csum": bool(info and info.csum_enabled)}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_leg_is_checksummed_by_default(lab, mode, conn_log):
+    lab, server = lab
+    for node in (lab.client, lab.server):
+        assert node.sysctl(CHECKSUM_SYSCTL) == "0"   # the hosts do not ask
+    before = lab.proxy.sysctl(CHECKSUM_SYSCTL)
+    runner = start(lab, mode, server.addr)
+    try:
+        assert lab.proxy.sysctl(CHECKSUM_SYSCTL) == "1"
+        first = len(server.received)
+        results = [exchange(lab, mode, runner.addr, server.addr, seed=1000 + i)
+                   for i in range(TRANSFERS)]
+        sessions = runner.wait_closed(TRANSFERS)
+        received = server.wait_received(first + TRANSFERS)[first:]
+    finally:
+        runner.stop()
+    # Given back when the proxy stops.
+    assert lab.proxy.sysctl(CHECKSUM_SYSCTL) == before
+    # Every byte right, both ways: never a wrong hash, never retried.
+    assert [r["down_len"] for r in results] == [SIZE] * TRANSFERS
+    assert all(r["down_ok"] for r in results), "wrong bytes downloaded"
+    expected = {r["up"]: i for i, r in enumerate(results)}
+    wrong = [(h, n) for h, n in received if h not in expected]
+    missing = sorted(i for h, i in expected.items() if h not in {h for h, _ in received})
+    assert not wrong and not missing, f"wrong bytes uploaded: got {wrong}, missing {missing}"
+    # Multipath, and checksummed, from the client's kernel...
+    assert all(r["mptcp"] for r in results), "client leg fell back to TCP"
+    assert all(r["csum"] for r in results), "client leg without DSS checksums"
+    # ... and from the proxy's view of both legs (the log line's fields). The
+    # subflow count is the most the proxy saw (they close with the
+    # connection); a join now and then comes too late for the proxy's
+    # samples, so "multipath" here means nearly every connection.
+    subflows = [s.session.client_subflows for s in sessions]
+    assert sum(n == 2 for n in subflows) >= TRANSFERS * 3 // 4, subflows
+    assert all(s.session.client_csum is True for s in sessions)
+    assert all(s.session.upstream_csum is True for s in sessions)
+    assert all(s.session.upstream_mptcp for s in sessions)
+    assert all(s.reason == "done" for s in sessions), [s.reason for s in sessions]
+    assert len(log_lines(conn_log, f"mode={mode} ", "client_csum=yes",
+                         "upstream_csum=yes")) == TRANSFERS
+
+
+def test_checksums_off_leaves_the_legs_unchecksummed(lab, conn_log):
+    """``--dss-checksum off``: the proxy neither sets the sysctl nor gets
+    checksums from hosts that do not ask; the log says so."""
+    lab, server = lab
+    before = lab.proxy.sysctl(CHECKSUM_SYSCTL)
+    assert before == "0"
+    runner = start(lab, "forward", server.addr, dss_checksum=False)
+    try:
+        assert lab.proxy.sysctl(CHECKSUM_SYSCTL) == "0"
+        first = len(server.received)
+        result = exchange(lab, "forward", runner.addr, server.addr, seed=2000)
+        session = runner.wait_closed(1)[0].session
+        server.wait_received(first + 1)
+    finally:
+        runner.stop()
+    assert result["mptcp"] and not result["csum"]
+    assert session.client_csum is False and session.upstream_csum is False
+    assert log_lines(conn_log, "client_csum=no", "upstream_csum=no")
