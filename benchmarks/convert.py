@@ -586,7 +586,7 @@ def main() -> int:
         if "converter_stop" not in meta:
             say(f"the converter did not log its counters within {DRAIN_WAIT:g} s of SIGTERM")
 
-    if not run_in_lab("convert-bench-", measure):
+    if run_in_lab("convert-bench-", measure) is not None:
         return 1
 
     res = analyze(raw)

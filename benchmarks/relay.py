@@ -379,25 +379,28 @@ def progress(started: float) -> Callable[[str], None]:
     return say
 
 
-def run_in_lab(logs_prefix: str, measure: Callable[[Lab, Procs], None]) -> bool:
-    """``measure(lab, procs)`` in a lab with one unshaped path; every process it
-    started is killed before the lab goes. False if it raised BenchError: that
-    is said on stderr, and the processes' logs are kept."""
+def run_in_lab(logs_prefix: str, measure: Callable[[Lab, Procs], None], *,
+               rate_mbit: float | None = None, dss_checksum: bool = False) -> str | None:
+    """``measure(lab, procs)`` in a lab with one path (unshaped unless
+    ``rate_mbit``; ``dss_checksum``: its end hosts ask for DSS checksums);
+    every process it started is killed before the lab goes. None if all went
+    well, else the BenchError it raised: that is said on stderr, and the
+    processes' logs are kept."""
     logdir = Path(tempfile.mkdtemp(prefix=logs_prefix))
     procs = Procs(logdir)
     try:
-        with Lab.create(paths=[PathSpec(rate_mbit=None)]) as lab:
+        with Lab.create(paths=[PathSpec(rate_mbit=rate_mbit)], dss_checksum=dss_checksum) as lab:
             try:
                 measure(lab, procs)
             finally:
                 procs.kill_all()
     except BenchError as exc:
         print(f"benchmark failed: {exc}\nprocess logs kept in {logdir}", file=sys.stderr)
-        return False
+        return str(exc)
     finally:
         procs.kill_all()
     shutil.rmtree(logdir, ignore_errors=True)
-    return True
+    return None
 
 
 def print_footer(meta: dict, path: Path) -> None:
@@ -729,7 +732,7 @@ def main() -> int:
             say(f"idle {sc.key:10s} {r['established']} held, "
                 f"{r['kib_per_conn']:.2f} KiB/conn, proxy fds {r['fds_after']}")
 
-    if not run_in_lab("relay-bench-", measure):
+    if run_in_lab("relay-bench-", measure) is not None:
         return 1
 
     res = analyze(raw)

@@ -145,10 +145,11 @@ class ServerSettings:
     """In auto mode, remember a target that fell back to TCP for this many seconds."""
     log_connections: bool = True
     """Log one line per connection at close."""
-    dss_checksum: bool = True
-    """Ask for DSS checksums (RFC 8684 §3.3) on every MPTCP connection, both legs:
-    this kernel can deliver wrong bytes on multipath connections without them
-    (``net.mptcp.checksum_enabled`` held at 1 in the namespace, restored on exit)."""
+    dss_checksum: bool = False
+    """Ask for DSS checksums (RFC 8684 §3.3) on every MPTCP connection, both legs
+    (``net.mptcp.checksum_enabled`` held at 1 in the namespace, restored on exit).
+    Off by default: on Linux 6.18 they made 0-RTT converted uploads *more* often
+    wrong, not less (docs/kernel/dss-corruption.md, README "Data integrity")."""
 
     def __post_init__(self) -> None:
         if self.backlog < 1:

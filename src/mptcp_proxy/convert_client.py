@@ -18,14 +18,13 @@ What a call does:
   ``net.ipv4.tcp_fastopen`` (the kernel default). Without it, or without a
   cookie yet (the first connection to a converter only asks for one), the
   bytes follow the handshake and everything still works.
-* Data integrity: Linux can deliver wrong bytes on multipath connections
-  without DSS checksums (docs/kernel/dss-corruption.md). Through a converter
-  the connection is checksummed when either end asks (mptcp-proxy's
-  converter does by default); :attr:`ConnectionInfo.checksummed` says
-  whether it is. With ``dss_checksum=True`` (the default) the library goes
-  straight to an MPTCP target only when this host's namespace asks for
-  checksums itself (``net.mptcp.checksum_enabled=1``; the library never sets
-  it), so that shortcut never trades the converter's protection away.
+* DSS checksums (RFC 8684 §3.3): :attr:`ConnectionInfo.checksummed` says
+  whether the connection uses them (negotiated when either end asks). With
+  ``dss_checksum=True`` the library goes straight to an MPTCP target only
+  when this host's namespace asks for checksums itself
+  (``net.mptcp.checksum_enabled=1``; the library never sets it), so the
+  shortcut never drops what a converter run with ``--dss-checksum on`` asks
+  for. Off by default: see the README's "Data integrity".
 * Reads the converter's answer exactly (never a byte past it), so the
   returned socket is positioned at the server's first byte. An Error TLV
   raises the typed :class:`~mptcp_proxy.modes.convert_client.ConvertRefused`
@@ -636,7 +635,7 @@ def open_connection(converter: tuple[str, int], target: tuple[str, int], *,
                     converters: ConverterRegistry = DEFAULT_CONVERTERS,
                     tfo_no_cookie: bool = False,
                     avoid_stripped: bool = False,
-                    dss_checksum: bool = True) -> ConvertedConnection:
+                    dss_checksum: bool = False) -> ConvertedConnection:
     """A connection to ``target`` through ``converter`` (or straight to an MPTCP target).
 
     ``converter`` and ``target`` are ``(host, port)``; names are resolved with
@@ -654,8 +653,8 @@ def open_connection(converter: tuple[str, int], target: tuple[str, int], *,
     ``tfo_no_cookie`` sets TCP_FASTOPEN_NO_COOKIE on the socket, for
     converters that accept SYN data without a TFO cookie.
     ``avoid_stripped`` refuses converter addresses marked "TFO stripped".
-    ``dss_checksum`` (default True) goes direct only when this namespace
-    asks for DSS checksums itself (see the module's notes); False: always.
+    ``dss_checksum`` goes direct only when this namespace asks for DSS
+    checksums itself (see the module's notes; default False: always).
 
     Raises :class:`ConvertRefused` (typed per Error code), a
     :class:`~mptcp_proxy.wire.convert.ConvertProtocolError` for an answer
@@ -923,7 +922,7 @@ async def open_connection_async(converter: tuple[str, int], target: tuple[str, i
                                 converters: ConverterRegistry = DEFAULT_CONVERTERS,
                                 tfo_no_cookie: bool = False, avoid_stripped: bool = False,
                                 limit: int | None = None,
-                                dss_checksum: bool = True) -> ConvertedStreams:
+                                dss_checksum: bool = False) -> ConvertedStreams:
     """The asyncio form of :func:`open_connection`: ``reader, writer = await ...``.
 
     The result unpacks as ``(StreamReader, StreamWriter)`` and carries

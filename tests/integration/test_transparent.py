@@ -156,9 +156,11 @@ def test_signalling_lets_the_client_join_the_proxy_over_wifi(oplab):
 
         # On: the proxy announces its public address with a port; the client
         # joins it over path 1 and the transfer uses both paths.
-        proxy = start_proxy(lab.proxy, announce=(Announce(lab.proxy_public_addr),))
+        # With --dss-checksum on: held while it runs, undone at the end (oplab).
+        proxy = start_proxy(lab.proxy, announce=(Announce(lab.proxy_public_addr),),
+                            dss_checksum=True)
         runners.append(proxy)
-        assert lab.proxy.sysctl("net.mptcp.checksum_enabled") == "1"   # held while it runs
+        assert lab.proxy.sysctl("net.mptcp.checksum_enabled") == "1"
         counters = mptcp_counters(lab.proxy)
         client_counters = mptcp_counters(lab.client)
         # Longer: the join waits for the ADD_ADDR, so the first ~0.5 s has one path.

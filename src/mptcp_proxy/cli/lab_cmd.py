@@ -52,10 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          "every path, or one per path; default 0")
     up.add_argument("--topology", choices=TOPOLOGIES, default="basic",
                     help="topology to build (default basic)")
-    up.add_argument("--dss-checksum", default="on", metavar="on|off",
-                    help="end hosts (client, servers) ask for MPTCP DSS checksums (default "
-                         "on; off: the kernel default, which can deliver wrong bytes on "
-                         "multipath connections)")
+    up.add_argument("--dss-checksum", default="off", metavar="on|off",
+                    help="end hosts (client, servers) ask for MPTCP DSS checksums "
+                         "(default off, the kernel's default; README, 'Data integrity')")
     up.add_argument("--json", action="store_true", help="print the facts as JSON")
     up.set_defaults(func=cmd_up)
 

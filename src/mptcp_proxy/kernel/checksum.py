@@ -1,18 +1,21 @@
-"""DSS checksums (RFC 8684 §3.3) on every MPTCP connection the proxy touches.
+"""DSS checksums (RFC 8684 §3.3) for the MPTCP connections a proxy touches.
 
-Linux 6.18 can hand a reader wrong bytes on a multipath connection without an
-error when the DSS checksum is off (its default): TCP's own checksum passes,
-and only the MPTCP-level checksum catches a data-sequence mapping that points
-at the wrong place (docs/kernel/dss-corruption.md). The checksum is
-negotiated in the MP_CAPABLE handshake and used by both ends as soon as
-either asks (RFC 8684 §3.1), so one end asking protects the connection.
-
-The kernel has no per-socket option for it: ``net.mptcp.checksum_enabled``
-in the socket's network namespace decides, read when the socket is created
-(connect) or when the SYN reaches the listener (accept). A proxy therefore
-holds that sysctl at 1 for as long as it runs, shared with the other proxies
-of the namespace and restored by the last one to exit, or by the next start
+The checksum is negotiated in the MP_CAPABLE handshake and used by both ends
+as soon as either asks (RFC 8684 §3.1). The kernel has no per-socket option
+for it: ``net.mptcp.checksum_enabled`` in the socket's network namespace
+decides, read when the socket is created (connect) or when the SYN reaches
+the listener (accept). A proxy run with ``--dss-checksum on`` therefore holds
+that sysctl at 1 for as long as it runs, shared with the other proxies of
+the namespace and restored by the last one to exit, or by the next start
 after a crash (:class:`~mptcp_proxy.kernel.sysctl.SharedSysctlBits`).
+
+Off by default. On Linux 6.18.44 multipath connections can deliver wrong
+bytes either way, and the checksum does not stop it: with it on, a 0-RTT
+converted upload had its first bytes replaced in 27 of 1,000 transfers (the
+receiver counts DataCsumErr, resets the subflow, and still hands the wrong
+bytes on); with it off, 0 of 1,000 through the proxy (docs/kernel/
+dss-corruption.md). What it still buys is what RFC 8684 made it for:
+detecting middleboxes that rewrite payload.
 """
 
 from __future__ import annotations

@@ -565,15 +565,14 @@ HOST_ROLES = ("client", "server", "mpserver")
 
 
 def node_sysctls(role: str, topology: str = "basic",
-                 dss_checksum: bool = True) -> list[tuple[str, int]]:
+                 dss_checksum: bool = False) -> list[tuple[str, int]]:
     """Sysctls for ``role``'s namespace, set before any interface exists.
 
     ``default`` values are what new interfaces inherit, so writing them first
     covers every veth of the lab. ``dss_checksum``: the end hosts ask for
-    MPTCP DSS checksums, so that a direct MPTCP transfer in the lab (a
-    baseline) cannot get wrong bytes from the kernel's known fault
-    (docs/kernel/dss-corruption.md); the proxy's namespace is left to the
-    proxy, whose own default is to ask.
+    MPTCP DSS checksums (the proxy's namespace is left to the proxy). Off by
+    default, like the kernel and the proxy: on 6.18 they do not keep wrong
+    bytes out (docs/kernel/dss-corruption.md); the lab's transfers are hashed.
     """
     values: list[tuple[str, int]] = []
     for scope in ("all", "default"):
@@ -729,12 +728,11 @@ class Lab:
     @classmethod
     def create(cls, paths: Sequence[PathSpec] = (PathSpec(), PathSpec()), *,
                name: str | None = None, topology: str = "basic",
-               persistent: bool = False, dss_checksum: bool = True) -> Lab:
+               persistent: bool = False, dss_checksum: bool = False) -> Lab:
         """Build a lab and return it, ready to use.
 
         ``dss_checksum``: the client and server namespaces ask for MPTCP DSS
-        checksums (False: the kernel's default, no checksums, e.g. to show
-        that a proxy asks for them itself).
+        checksums (default False: the kernel's default).
 
         ``persistent`` labs outlive this process (the CLI's ``lab up``); any
         other lab is destroyed at the latest when the interpreter exits or
@@ -774,7 +772,7 @@ class Lab:
         lab.impair_pid = data.get("impair_pid")
         return lab
 
-    def _build(self, dss_checksum: bool = True) -> None:
+    def _build(self, dss_checksum: bool = False) -> None:
         plan = self.plan
         netns.ip_batch([f"netns add {ns}" for ns in plan.namespaces])
         for node in self.nodes:

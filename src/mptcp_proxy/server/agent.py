@@ -142,8 +142,9 @@ class AgentConfig:
     backlog: int = 1024
     drain_timeout: float = 10.0
     log_connections: bool = True
-    dss_checksum: bool = True
-    """Ask for DSS checksums on the MPTCP connections to converters and servers."""
+    dss_checksum: bool = False
+    """Ask for DSS checksums on the MPTCP connections to converters and servers
+    (off by default: see :attr:`mptcp_proxy.config.ServerSettings.dss_checksum`)."""
 
     def __post_init__(self) -> None:
         if not self.converters:
