@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := nftables iptables iperf3 curl iproute2 procps
+APT_PACKAGES := nftables iptables iperf3 curl iproute2 procps mptcpize
 STAMP_SYS := $(VENV)/.system-packages
 STAMP_PY  := $(VENV)/.python-packages
 

@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/checksum_cost.py [--quick] [--repeat N] [--duration S]
         [--scenarios mptcp,tcp,direct] [--rate-mbit MBIT]
 
-What the proxy's default costs. Every mode asks for MPTCP DSS checksums (RFC
-8684 §3.3) unless told ``--dss-checksum off``, by holding the sysctl
+What ``--dss-checksum on`` costs (the default is off: README, "Data
+integrity"). A proxy with it asks for MPTCP DSS checksums (RFC 8684 §3.3)
+on every MPTCP connection by holding the sysctl
 ``net.mptcp.checksum_enabled=1`` in its network namespace while it runs. The
 sysctl is namespace-wide, so "on" and "off" cannot run side by side: each
 block of runs starts the proxies with one setting and stops them, and the

@@ -383,7 +383,7 @@ def _new_socket(family: int, tfo_no_cookie: bool) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
-        # asyncio sets TCP_NODELAY only for IPPROTO_TCP sockets (KERNEL-FACTS).
+        # asyncio sets TCP_NODELAY only for IPPROTO_TCP sockets (docs/KERNEL-FACTS.md).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tfo_no_cookie:
             try:
@@ -455,9 +455,12 @@ def _mptcp_state(sock: socket.socket) -> tuple[bool, bool | None]:
     try:
         if not is_mptcp(sock):
             return False, None
-        return True, subflows_and_checksum(sock)[1]
     except OSError:
         return False, None
+    try:
+        return True, subflows_and_checksum(sock)[1]
+    except OSError:
+        return True, None
 
 
 def _direct_allowed(dss_checksum: bool) -> bool:

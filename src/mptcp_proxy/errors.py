@@ -26,7 +26,19 @@ class ConfigError(ProxyError):
 
 
 class KernelError(ProxyError):
-    """A kernel control operation (sysctl, nft, ip, netlink) failed."""
+    """A kernel control operation (sysctl, nft, ip, netlink) failed.
+
+    ``errno`` is the OS error number when one caused it (EACCES: no right to).
+    """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class PrivilegeError(KernelError):
+    """The process lacks a capability a mode needs; raised before anything is
+    changed, with one line naming what is missing and why."""
 
 
 class LabError(ProxyError):

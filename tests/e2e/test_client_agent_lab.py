@@ -251,7 +251,7 @@ def test_captured_curl_uses_both_paths_and_the_connect_tlv_rides_in_the_syn(env)
     # No TFO cookie for the converter yet: the first connection asks for one.
     env.lab.client.run(["ip", "tcp_metrics", "flush", "all"], check=False)
     agent = env.agent("--converter", env.converter_addr, "--capture", env.server_subnet,
-                      "--capture", f"{env.denied_addr}:{HTTP_PORT}")
+                      "--capture", f"{env.denied_addr}:{HTTP_PORT}", "--tfo")
     try:
         table = env.table()
         assert table is not None and "redirect to :" in table and "meta mark 0x00002263" in table

@@ -11,6 +11,7 @@ clean close (FIN, never RST), the log line, and the good client's bytes.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 import struct
@@ -610,3 +611,120 @@ def test_a_name_s_other_addresses_are_tried(env, proxies, proto, conn_log, name,
     line = log_lines(conn_log, f"mode={proto}", f"name={name}")[-1]
     assert f"target={env.lab.server_addr}:{SERVER_PORT}" in line and "reason=done" in line
     assert (tried in line) if tried else ("tried=" not in line)
+
+
+# --------------------------------------------------------------------------
+# The first hour of a new user: refusals name their target and say why
+# --------------------------------------------------------------------------
+
+def http_body(answer: bytes) -> bytes:
+    """The body of an HTTP error answer, checked against its Content-Length."""
+    head, sep, body = answer.partition(b"\r\n\r\n")
+    assert sep, answer
+    lengths = [int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+               if line.lower().startswith(b"content-length:")]
+    assert lengths == [len(body)], answer
+    assert b"Connection: close" in head and b"Content-Type: text/plain" in head
+    assert body.endswith(b"\n") and body.count(b"\n") == 1
+    return body
+
+
+def hints(caplog, *needles: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "mptcp_proxy.app_proxy" and all(n in r.getMessage() for n in needles)]
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_a_refused_private_target_is_logged_explained_and_hinted_once(env, proto, conn_log,
+                                                                    named):
+    """Issue: "the log line says target=-"; HTTP 403 "with an empty body"."""
+    conn_log.set_level(logging.INFO, logger="mptcp_proxy.app_proxy")
+    runner = env.start(proto, allow_targets=())
+    host = "server.lab.example" if named else env.lab.server_addr
+    asked = f"{host}:{SERVER_PORT}"
+    label = f"{asked} ({env.lab.server_addr})" if named else asked
+    k = env.lab.server_addr.split(".")[1]
+    try:
+        answers = []
+        for _ in range(2):
+            with env.client() as sock:
+                sock.connect(runner.addr)
+                sock.sendall(_connect_request(env, proto, host, SERVER_PORT))
+                answers.append(recv_all(sock))
+        lines = log_lines(conn_log, "reason=refused:target-not-allowed", f"mode={proto}")
+        wait_for(lambda: runner.server.open_sessions == 0, 5, "sessions closed")
+    finally:
+        runner.stop()
+        env.runners.remove(runner)
+    for line in lines:
+        assert f"target={env.lab.server_addr}:{SERVER_PORT}" in line
+        assert (f"name={asked}" in line) is named
+    if proto == SOCKS5:
+        assert answers[0] == b"\x05\x00" + socks_fail(2)
+    else:
+        assert answers[0].startswith(http_fail(403))
+        assert http_body(answers[0]) == (
+            f"403 Forbidden: target {label} is in a private range (10.0.0.0/8); the proxy "
+            "needs --allow-target 10.0.0.0/8 to reach it\n").encode()
+    said = hints(conn_log, "--allow-target CIDR allows private targets")
+    assert len(said) == 1, said            # two refusals, one hint (once a minute)
+    assert f"refused target {label}" in said[0]
+    assert "(here: --allow-target 10.0.0.0/8)" in said[0]
+    assert f"10.{k}." in said[0]
+
+
+@pytest.mark.parametrize("target, words", [
+    ("127.0.0.1", "is a loopback address: a proxy never connects there"),
+    ("loop.lab.example", "(127.0.0.1) is a loopback address"),
+])
+def test_http_refusals_say_why(env, proxies, conn_log, target, words):
+    answer = bad_client(env, proxies[HTTP_CONNECT], HTTP_CONNECT,
+                        http_request(target, SERVER_PORT), http_fail(403),
+                        "refused:target-not-allowed", conn_log)
+    assert words.encode() in http_body(answer)
+
+
+def test_http_upstream_failures_and_bad_requests_say_why(env, proxies, conn_log):
+    runner = proxies[HTTP_CONNECT]
+    answer = bad_client(env, runner, HTTP_CONNECT, http_request(env.lab.server_addr, 9999),
+                        http_fail(502), "upstream-refused", conn_log)
+    assert http_body(answer) == (f"502 Bad Gateway: target {env.lab.server_addr}:9999 "
+                                 "refused the connection\n").encode()
+    answer = bad_client(env, runner, HTTP_CONNECT,
+                        http_request("nxdomain.lab.example", SERVER_PORT), http_fail(502),
+                        "refused:resolve-failed", conn_log)
+    assert b"cannot resolve the name of target nxdomain.lab.example" in http_body(answer)
+    answer = bad_client(env, runner, HTTP_CONNECT,
+                        b"GET http://<b>x</b>/ HTTP/1.1\r\n\r\n", http_fail(405),
+                        "http-error:405", conn_log)
+    assert http_body(answer) == b"405 Method Not Allowed: this proxy only tunnels: use " \
+                                b"CONNECT HOST:PORT\n"
+
+
+def test_requests_refused_in_the_handshake_still_name_their_target(env, conn_log):
+    """407 (bad password) and SOCKS5 port 0 happen before the proxy decides, but
+    the request named a valid target: the log line says which."""
+    creds = Credentials.parse("alice:right\n")
+    runner = env.start(HTTP_CONNECT, credentials=creds)
+    try:
+        import base64
+        token = base64.b64encode(b"alice:wrong").decode()
+        answer = bad_client(env, runner, HTTP_CONNECT,
+                            http_request(env.lab.server_addr, SERVER_PORT,
+                                         f"Proxy-Authorization: Basic {token}\r\n"),
+                            http_fail(407), "http-error:407", conn_log)
+        assert b"wrong" in http_body(answer) and b"alice" not in http_body(answer)
+        line = log_lines(conn_log, "reason=http-error:407")[-1]
+        assert f"target={env.lab.server_addr}:{SERVER_PORT}" in line
+    finally:
+        runner.stop()
+        env.runners.remove(runner)
+    runner = env.start(SOCKS5)
+    try:
+        bad_client(env, runner, SOCKS5, socks_request("server.lab.example", 0),
+                   socks_fail(2), "socks5-error:2", conn_log, prefix_reply=b"\x05\x00")
+        line = log_lines(conn_log, "reason=socks5-error:2")[-1]
+        assert "target=server.lab.example:0" in line
+    finally:
+        runner.stop()
+        env.runners.remove(runner)

@@ -269,7 +269,8 @@ def test_the_converter_connection_gets_a_subflow_on_each_path(env, agent):
     assert (digest.hex(), count) == (sha256(up), len(up))
     closed = closed_sessions(agent, 1)[0]
     assert closed.reason == "done" and closed.session.upstream_subflows == 2
-    assert closed.session.upstream_csum is False      # default: no DSS checksums asked
+    # Checksummed unless the agent uses TCP Fast Open (AgentConfig.dss_checksum).
+    assert closed.session.upstream_csum is (not agent.server.config.tfo)
 
 
 def test_many_concurrent_captured_connections(env, agent):

@@ -10,6 +10,7 @@ the bad one is handled; both directions hash-verified afterwards).
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 import struct
@@ -190,9 +191,14 @@ def test_unsupported_tcp_option_tcp_ao(env, runner, conn_log):
 ])
 def test_connect_to_loopback_multicast_broadcast(env, runner, conn_log, target):
     data = request(target, SERVER_PORT)
-    error, _ = bad_request(env, runner, data + b"app bytes", E.MALFORMED_MESSAGE,
-                           "target-forbidden", conn_log)
+    error, line = bad_request(env, runner, data + b"app bytes", E.MALFORMED_MESSAGE,
+                              "target-forbidden", conn_log)
     assert error.echo[:len(data)] == data
+    # The TLV carries IPv4 as IPv4-mapped (RFC 8803 §4.2.5): the codec gives it back as IPv4.
+    address = ipaddress.ip_address(target)
+    address = getattr(address, "ipv4_mapped", None) or address
+    shown = f"[{address}]" if address.version == 6 else str(address)
+    assert f" target={shown}:{SERVER_PORT} " in line     # the target asked for, not "-"
 
 
 @pytest.mark.parametrize("which", ["listen-address", "server-side-address", "ipv6"])
@@ -214,6 +220,38 @@ def test_connect_to_a_private_range_not_allowed(env, conn_log):
     finally:
         r.stop()
         env.runners.remove(r)
+
+
+def convert_hints(caplog, *needles: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "mptcp_proxy.convert" and all(n in r.getMessage() for n in needles)]
+
+
+def test_a_refused_private_target_is_logged_and_hinted_once_a_minute(env, conn_log):
+    """Issue "the first hour": the client sees Error 32, the log said target=-."""
+    conn_log.set_level(logging.INFO, logger="mptcp_proxy.convert")
+    r = start(env, allow_targets=parse_networks([f"{env.server_addr}/32"], "t"))
+    try:
+        k = env.server_addr.split(".")[1]
+        target = f"10.{k}.254.77"
+        _, line = bad_request(env, r, request(target, 80), E.NOT_AUTHORIZED,
+                              "target-denied", conn_log)
+        assert f" target={target}:80 " in line and "reason=target-denied" in line
+        # Another kind of refusal gets a hint of its own; the same kind waits a minute.
+        bad_request(env, r, request("127.0.0.1", 80), E.MALFORMED_MESSAGE,
+                    "target-forbidden", conn_log)
+        bad_request(env, r, request(f"10.{k}.254.78", 81), E.NOT_AUTHORIZED,
+                    "target-denied", conn_log)
+        line = log_lines(conn_log, "reason=target-denied", f"target=10.{k}.254.78:81")[0]
+    finally:
+        r.stop()
+        env.runners.remove(r)
+    said = convert_hints(conn_log, "--allow-target CIDR allows private targets")
+    assert len(said) == 1, said
+    assert said[0].startswith(f"convert: refused target {target}:80 (Error 32), which is in "
+                              "a private range (10.0.0.0/8)")
+    assert "(here: --allow-target 10.0.0.0/8)" in said[0]
+    assert len(convert_hints(conn_log, "127.0.0.1:80", "loopback")) == 1
 
 
 # --------------------------------------------------------------------------

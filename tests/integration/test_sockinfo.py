@@ -268,7 +268,7 @@ def test_mptcp_listener_and_unconnected_socket() -> None:
 
 
 def test_close_wait_detected_on_fallback() -> None:
-    """KERNEL-FACTS: a fallen-back socket's TCP_INFO reads CLOSE_WAIT once the FIN arrived."""
+    """docs/KERNEL-FACTS.md: a fallen-back socket's TCP_INFO reads CLOSE_WAIT once the FIN arrived."""
     def body() -> None:
         with listener(socket.IPPROTO_TCP) as lsock, \
                 connect(si.IPPROTO_MPTCP, lsock.getsockname()) as client:

@@ -143,7 +143,8 @@ def test_signalling_lets_the_client_join_the_proxy_over_wifi(oplab):
     try:
         # Off: the C bit is set and nothing is announced, so the connection
         # keeps to the path it started on.
-        proxy = start_proxy(lab.proxy)
+        # Both measurements with --dss-checksum on (its sysctl is checked below).
+        proxy = start_proxy(lab.proxy, dss_checksum=True)
         runners.append(proxy)
         counters = mptcp_counters(lab.proxy)
         one = timed_upload(lab, (lab.server_addr, PORT), SECONDS, seed=1)
@@ -156,7 +157,7 @@ def test_signalling_lets_the_client_join_the_proxy_over_wifi(oplab):
 
         # On: the proxy announces its public address with a port; the client
         # joins it over path 1 and the transfer uses both paths.
-        # With --dss-checksum on: held while it runs, undone at the end (oplab).
+        # Held while it runs, undone at the end (oplab).
         proxy = start_proxy(lab.proxy, announce=(Announce(lab.proxy_public_addr),),
                             dss_checksum=True)
         runners.append(proxy)
@@ -306,7 +307,7 @@ def test_denied_targets_are_reset_and_others_served(oplab):
                 with sock:
                     sock.sendall(b"x")
                     sock.recv(10)
-            # A reset MPTCP socket reports ENOTCONN (KERNEL-FACTS), a TCP one ECONNRESET.
+            # A reset MPTCP socket reports ENOTCONN (docs/KERNEL-FACTS.md), a TCP one ECONNRESET.
             assert info.value.errno in (errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE)
         assert server.count == 0          # never reached the server
         reasons = [c.reason for c in proxy.wait_closed(2)]

@@ -13,7 +13,8 @@ from tests.support.traffic import listener, recv_until_eof, send_all_and_shut
 
 
 class HashServer:
-    """Accepts connections; each one: read to EOF while sending ``reply``, then close.
+    """Accepts connections; each one: read to EOF while sending ``reply``, then close
+    (``mode="after-eof"``: the reply only once EOF was read).
 
     Records (sha256, count) of every received stream. ``reply_fn(i)`` gives the
     bytes to send on connection i (default: nothing).
@@ -58,6 +59,12 @@ class HashServer:
             if self.mode == "send-close":       # send the reply, close, ignore input
                 conn.sendall(reply)
                 conn.close()
+                return
+            if self.mode == "after-eof":        # read to EOF, then reply: one way at a time
+                result = recv_until_eof(conn)
+                send_all_and_shut(conn, reply)
+                with self._lock:
+                    self.received.append(result)
                 return
             sender = threading.Thread(target=send_all_and_shut, args=(conn, reply), daemon=True)
             sender.start()

@@ -14,11 +14,12 @@ from mptcp_proxy.config_app_proxy import AppProxyConfig, Credentials
 from mptcp_proxy.config import Endpoint
 from mptcp_proxy.errors import ConfigError
 from mptcp_proxy.modes.app_proxy import (
-    HTTP_CONNECT, SOCKS5, AppHandshake, Refusal, error_reason, http_status, socks_reply,
+    HTTP_CONNECT, SOCKS5, AppHandshake, Refusal, error_reason, http_status, refusal_why,
+    socks_reply,
 )
 from mptcp_proxy.modes.http_connect import (
     MAX_HEADER_BYTES, HttpConnectError, HttpConnectHandshake,
-    parse_authority, response,
+    error_body, parse_authority, response,
 )
 from mptcp_proxy.modes.request import ConnectRequest
 from mptcp_proxy.modes.socks5 import Socks5Reply
@@ -188,8 +189,93 @@ def test_parse_authority_raises_only_value_error(text):
 
 def test_response_shapes():
     assert response(502) == (b"HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\n"
-                             b"Content-Length: 0\r\n\r\n")
+                             b"Content-Type: text/plain; charset=us-ascii\r\n"
+                             b"Content-Length: 16\r\n\r\n502 Bad Gateway\n")
     assert b"Content-Length" not in response(200)
+
+
+# -- error bodies: one line saying why (issue "The first hour of a new user") ------
+
+def split_response(reply: bytes) -> tuple[dict[str, str], bytes]:
+    head, sep, body = reply.partition(b"\r\n\r\n")
+    assert sep
+    headers = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.decode("ascii").partition(": ")
+        headers[name.lower()] = value
+    return headers, body
+
+
+def test_error_body_is_one_line_with_a_correct_length():
+    why = ("target 10.1.2.3:80 is in a private range (10.0.0.0/8); the proxy needs "
+           "--allow-target 10.0.0.0/8 to reach it")
+    headers, body = split_response(response(403, why=why))
+    assert body == f"403 Forbidden: {why}\n".encode()
+    assert int(headers["content-length"]) == len(body)
+    assert headers["connection"] == "close"
+    assert headers["content-type"].startswith("text/plain")
+    assert body.count(b"\n") == 1
+
+
+def test_error_body_cannot_carry_control_bytes_or_grow():
+    headers, body = split_response(response(400, why="a\r\nSet-Cookie: x=1\x00\xe9" + "y" * 999))
+    assert b"\r" not in body and b"\x00" not in body and body.count(b"\n") == 1
+    assert b"a??Set-Cookie: x=1??" in body and "set-cookie" not in headers
+    assert len(body) < 400 and int(headers["content-length"]) == len(body)
+    assert error_body(404) == b"404 Error\n"
+
+
+@pytest.mark.parametrize("data, status, words", [
+    (b"GET http://a.example/ HTTP/1.1\r\n\r\n", 405, b"use CONNECT HOST:PORT"),
+    (b"CONNECT a.example HTTP/1.1\r\n\r\n", 400, b"HOST:PORT"),
+    (b"CONNECT <script>x</script>:1 HTTP/1.1\r\n\r\n", 400, b"HOST:PORT"),
+    (OK[:-2] + b"Content-Length: 5\r\n\r\nhello", 400, b"no content"),
+    (b"CONNECT a.example:1 HTTP/2.0\r\n\r\n", 505, b"HTTP/1.1"),
+    (b"\x16\x03\x01", 400, b"not an HTTP request"),
+])
+def test_every_handshake_error_says_why_without_echoing_the_request(data, status, words):
+    with pytest.raises(HttpConnectError) as info:
+        run(HttpConnectHandshake(), data)
+    headers, body = split_response(info.value.reply)
+    assert status_of(info.value.reply) == status and words in body
+    assert int(headers["content-length"]) == len(body) and headers["connection"] == "close"
+    assert b"<script>" not in body and b"a.example" not in body
+
+
+def test_bad_credentials_are_never_echoed():
+    hs = HttpConnectHandshake(lambda user, password: False)
+    token = base64.b64encode(b"alice:s3cret-pw").decode()
+    with pytest.raises(HttpConnectError) as info:
+        run(hs, OK[:-2] + f"Proxy-Authorization: Basic {token}\r\n\r\n".encode())
+    _, body = split_response(info.value.reply)
+    assert body == b"407 Proxy Authentication Required: wrong user name or password\n"
+    assert hs.requested == (ipaddress.ip_address("10.0.0.2"), 443)  # logged as the target
+
+
+def test_refusals_explain_themselves_over_http_only():
+    why = refusal_why(Refusal.TARGET_NOT_ALLOWED, "10.1.2.3:80",
+                      "is in a private range (10.0.0.0/8); the proxy needs --allow-target "
+                      "10.0.0.0/8 to reach it")
+    http = AppHandshake(HTTP_CONNECT)
+    http.feed(OK)
+    reply, status = http.refuse(Refusal.TARGET_NOT_ALLOWED, why)
+    assert status == 403
+    assert reply.endswith(b"\r\n\r\n403 Forbidden: target 10.1.2.3:80 is in a private range "
+                          b"(10.0.0.0/8); the proxy needs --allow-target 10.0.0.0/8 to "
+                          b"reach it\n")
+    socks = AppHandshake(SOCKS5)
+    socks.feed(bytes.fromhex("050100 05010001 0a000002 01bb"))
+    assert socks.refuse(Refusal.TARGET_NOT_ALLOWED, why) == (
+        bytes.fromhex("05020001 00000000 0000"), 2)
+
+
+@pytest.mark.parametrize("refusal", list(Refusal))
+def test_every_refusal_has_words(refusal):
+    why = refusal_why(refusal, "example.org:443 (192.0.2.7)")
+    assert why and "{" not in why
+    if refusal not in (Refusal.CLIENT_NOT_ALLOWED, Refusal.RESOURCES):
+        assert "example.org:443 (192.0.2.7)" in why
+    assert "lookup" in refusal_why(Refusal.TIMEOUT, "a.example:1", resolving=True)
 
 
 # -- shared by SOCKS5 and HTTP CONNECT ---------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import textwrap
 
 from mptcp_proxy.cli.common import (
     add_policy_options, add_relay_options, add_upstream_options, check_workers, policy_settings,
@@ -24,16 +25,39 @@ _DESCRIPTIONS = {
     HTTP_CONNECT: ("HTTP CONNECT proxy (RFC 9110) on an MPTCP listener",
                    "Serve HTTP CONNECT tunnels (Basic proxy authentication with --auth) "
                    "arriving over MPTCP (or plain TCP), and connect to the requested "
-                   "target, MPTCP first. Other methods get 405."),
+                   "target, MPTCP first. Other methods get 405; refusals (403, 502, 504) "
+                   "carry a one-line body saying why."),
 }
+
+DEFAULT_PORTS = {SOCKS5: 1080, HTTP_CONNECT: 3128}
+"""The protocols' customary ports: --listen's example and its port when none is given."""
+
+_EXAMPLES = {
+    SOCKS5: ("mptcp-proxy socks5 --listen 0.0.0.0:1080 --allow 10.0.0.0/8",
+             "curl --socks5-hostname PROXY:1080 https://example.org/"),
+    HTTP_CONNECT: ("mptcp-proxy http-connect --listen 0.0.0.0:3128 --allow-port 443",
+                   "curl --proxytunnel -x http://PROXY:3128 https://example.org/"),
+}
+
+_EPILOG = ("Targets in private and other special-use ranges (10.0.0.0/8, 192.168.0.0/16, "
+           "fc00::/7, ...) are refused unless --allow-target lists them, e.g. "
+           "--allow-target 10.0.0.0/8. Logs go to stderr, one line per connection "
+           "(-q hides those).")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     for protocol in (SOCKS5, HTTP_CONNECT):
         summary, description = _DESCRIPTIONS[protocol]
-        p = sub.add_parser(protocol, help=summary, description=description)
-        p.add_argument("--listen", required=True, metavar="ADDR:PORT",
-                       help="address to listen on, e.g. 0.0.0.0:1080 or [::]:1080")
+        port = DEFAULT_PORTS[protocol]
+        examples = "\n".join(f"  {line}" for line in _EXAMPLES[protocol])
+        p = sub.add_parser(
+            protocol, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
+            description=textwrap.fill(description, 78, break_on_hyphens=False),
+            epilog=f"example:\n{examples}\n\n"
+                   + textwrap.fill(_EPILOG, 78, break_on_hyphens=False))
+        p.add_argument("--listen", required=True, metavar="ADDR[:PORT]",
+                       help=f"address to listen on, e.g. 0.0.0.0:{port} or [::]:{port} "
+                            f"(port {port} when none is given)")
         add_policy_options(p, over_limit="closed at once")
         p.add_argument("--allow-port", default="all", metavar="PORTS",
                        help="target ports served: all, or a list like 443,8000-8100 "
@@ -49,7 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> AppProxyConfig:
     return AppProxyConfig(
         protocol=args.protocol,
-        listen=Endpoint.parse(args.listen, "--listen", default_host="0.0.0.0"),
+        listen=Endpoint.parse(args.listen, "--listen", default_host="0.0.0.0",
+                              default_port=DEFAULT_PORTS[args.protocol]),
         **policy_settings(args),
         allow_ports=PortSet.parse(args.allow_port, "--allow-port"),
         credentials=Credentials.load(args.auth) if args.auth else None,

@@ -8,7 +8,8 @@ from mptcp_proxy.config import RelayConfig, UpstreamMode, parse_on_off
 from mptcp_proxy.errors import ConfigError
 
 
-def add_relay_options(parser: argparse.ArgumentParser) -> None:
+def add_relay_options(parser: argparse.ArgumentParser, *,
+                      dss_checksum: bool | None = True) -> None:
     group = parser.add_argument_group("relay")
     group.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
                        help="give up connecting upstream after this long (default 10)")
@@ -27,16 +28,23 @@ def add_relay_options(parser: argparse.ArgumentParser) -> None:
                        help="do not log one line per connection")
     group.add_argument("--workers", type=int, default=1, metavar="N",
                        help="worker processes sharing the port with SO_REUSEPORT (default 1)")
-    add_integrity_options(parser)
+    add_integrity_options(parser, dss_checksum)
 
 
-def add_integrity_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dss-checksum", default="off", metavar="on|off",
+def add_integrity_options(parser: argparse.ArgumentParser, default: bool | None = True) -> None:
+    """``--dss-checksum``; its default is the mode's (README, "Data integrity"):
+    on, or off where TCP Fast Open is used (None: decided by the mode's config)."""
+    spelled = {True: "on", False: "off", None: None}[default]
+    why = {True: "on",
+           False: "off: with TCP Fast Open, checksums made some multipath uploads wrong "
+                  "on Linux 6.18",
+           None: "on, or off with --tfo: with TCP Fast Open, checksums made some multipath "
+                 "uploads wrong on Linux 6.18"}[default]
+    parser.add_argument("--dss-checksum", default=spelled, metavar="on|off",
                         help="ask for MPTCP DSS checksums (RFC 8684 3.3) on every MPTCP "
                              "connection; 'on' sets net.mptcp.checksum_enabled=1 in this "
-                             "network namespace while running. Default off: on Linux 6.18 "
-                             "they made some multipath transfers wrong rather than fewer "
-                             "(README, 'Data integrity')")
+                             f"network namespace while running (default {why}; README, "
+                             "'Data integrity')")
 
 
 def dss_checksum(args: argparse.Namespace) -> bool:

@@ -44,9 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--error-burst", type=int, default=20, metavar="N",
                    help="error replies a client may get in a burst (default 20)")
     p.add_argument("--no-sysctl", action="store_true",
-                   help="do not touch net.ipv4.tcp_fastopen (set it yourself: 3)")
+                   help="do not touch net.ipv4.tcp_fastopen (set it yourself: 3). Managing "
+                        "it needs root (CAP_NET_ADMIN to write it, write access to "
+                        "/run/mptcp-proxy to record its users); with this option convert "
+                        "needs no privileges (but CAP_NET_BIND_SERVICE for ports < 1024)")
     add_upstream_options(p, "server")
-    add_relay_options(p)
+    add_relay_options(p, dss_checksum=False)
     p.set_defaults(func=run)
 
 
@@ -69,11 +72,15 @@ def config_from_args(args: argparse.Namespace) -> ConvertConfig:
 
 def run(args: argparse.Namespace) -> int:
     from mptcp_proxy.kernel.sysctl import SharedSysctlBits
-    from mptcp_proxy.server.convert import TFO_SYSCTL, ConvertServer, tfo_sysctl_bits
+    from mptcp_proxy.server.convert import (
+        TFO_SYSCTL, ConvertServer, acquire_tfo_bits, check_tfo_sysctl_rights, tfo_sysctl_bits,
+    )
     from mptcp_proxy.server.workers import run_workers
 
     config = config_from_args(args)
     workers = check_workers(args, config.listen.port)
+    if config.manage_sysctls:
+        check_tfo_sysctl_rights(tfo_sysctl_bits(config))   # before anything changes
 
     def serve(index: int = 0, worker_config: ConvertConfig = config) -> int:
         server = ConvertServer(worker_config).start(reuseport=workers > 1)
@@ -102,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     holder = SharedSysctlBits(TFO_SYSCTL, tfo_sysctl_bits(config))
     try:
         if config.manage_sysctls and holder.bits:
-            holder.acquire()
+            acquire_tfo_bits(holder)
         worker_config = dataclasses.replace(config, manage_sysctls=False)
         # Fail early in the parent on a bad address rather than in every worker.
         ConvertServer(worker_config).start(reuseport=True)._close_everything()

@@ -2,17 +2,22 @@
 
 Labs made here are persistent: they outlive the command and are removed with
 ``lab down``. Everything they contain is in namespaces named ``mpx-*``.
+
+``up``, ``down`` and ``exec`` need root (network namespaces) and say so before
+doing anything; ``list`` and ``show`` only read.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 from mptcp_proxy.config import parse_on_off
 from mptcp_proxy.errors import ConfigError, LabError
 from mptcp_proxy.lab import Lab, PathSpec, list_labs, remove_lab
+from mptcp_proxy.lab.child import run_tied
 from mptcp_proxy.lab.topology import (
     ALL_ROLES,
     LAB_PREFIX,
@@ -20,13 +25,31 @@ from mptcp_proxy.lab.topology import (
     MAX_PATHS,
     TOPOLOGIES,
     AccessPath,
+    allow_target_advice,
     canonical_name,
     impair_log_path,
+    lab_namespaces,
     state_path,
 )
 from mptcp_proxy.lab import netns
 
 DEFAULT_PATHS = 2
+# `lab down`: seconds the lab's processes get between SIGTERM and SIGKILL.
+DEFAULT_GRACE_S = 5.0
+
+# What each command needs, and why: the line an unprivileged user gets.
+NEEDS = {
+    "up": ((netns.CAP_SYS_ADMIN, netns.CAP_NET_ADMIN), "it creates network namespaces"),
+    "down": ((netns.CAP_SYS_ADMIN, netns.CAP_NET_ADMIN),
+             "it stops the processes in a lab's network namespaces and deletes them"),
+    "exec": ((netns.CAP_SYS_ADMIN,), "it enters a lab's network namespace"),
+}
+
+
+def require_privileges(action: str) -> None:
+    """LabError unless this process may run ``lab ACTION`` (checked before anything)."""
+    caps, why = NEEDS[action]
+    netns.require_privileges(f"lab {action}", why, caps)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,15 +81,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--json", action="store_true", help="print the facts as JSON")
     up.set_defaults(func=cmd_up)
 
-    down = sub.add_parser("down", help="remove labs and everything running in them")
+    down = sub.add_parser("down", help="remove labs and everything running in them",
+                          description="Stop what runs in the labs (SIGTERM, then SIGKILL "
+                                      "after --grace seconds) and remove them.")
     which = down.add_mutually_exclusive_group(required=True)
     which.add_argument("names", nargs="*", default=[], metavar="NAME")
     which.add_argument("--all", action="store_true",
                        help=f"remove every lab on this machine ({LAB_PREFIX}* namespaces)")
+    down.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, metavar="SECONDS",
+                      help="how long processes in the labs get after SIGTERM to drain and "
+                           "restore their state before SIGKILL (default "
+                           f"{DEFAULT_GRACE_S:g}; 0: SIGKILL at once)")
     down.set_defaults(func=cmd_down)
 
-    exec_ = sub.add_parser("exec", help="run a command in a node of a lab",
-                           description="Run CMD in a lab node; exits with its status.")
+    exec_ = sub.add_parser(
+        "exec", help="run a command in a node of a lab",
+        description="Run CMD in a lab node; exits with its status. A bare 'mptcp-proxy' "
+                    "runs with this command's own Python, PATH or not. CMD gets SIGTERM "
+                    "when this command dies, and the SIGINT/SIGTERM/SIGHUP sent to it.")
     exec_.add_argument("name", metavar="NAME")
     exec_.add_argument("role", choices=ALL_ROLES, metavar="NODE",
                        help="one of " + ", ".join(ALL_ROLES) + " (wifi and mpserver: "
@@ -76,6 +108,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     ls = sub.add_parser("list", help="list labs on this machine")
     ls.set_defaults(func=cmd_list)
+
+    show = sub.add_parser("show", help="print a lab's facts again (what `lab up` printed)")
+    show.add_argument("name", metavar="NAME")
+    show.add_argument("--json", action="store_true", help="print the facts as JSON")
+    show.set_defaults(func=cmd_show)
 
 
 def path_specs(paths: int | None, rates: list[float] | None,
@@ -144,36 +181,59 @@ def format_facts(lab: Lab) -> str:
         lines.append(f"  server      {lab.server_addr} {lab.server_addr6}  "
                      f"(proxy side {lab.proxy_server_side_addr} {lab.proxy_server_side_addr6})")
     lines += [
+        f"  proxies     {allow_target_advice(lab.plan)}",
         f"  exec        mptcp-proxy lab exec {lab.name} client -- ip -br addr",
         f"              ip netns exec {c} bash",
+        f"  again       mptcp-proxy lab show {lab.name}",
         f"  remove      mptcp-proxy lab down {lab.name}",
     ]
     return "\n".join(lines)
 
 
+def print_facts(lab: Lab, as_json: bool) -> None:
+    """What ``lab up`` and ``lab show`` print."""
+    print(json.dumps(lab.facts(), indent=2) if as_json else format_facts(lab))
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     specs = path_specs(args.paths, args.rate, args.delay, args.loss)
+    dss = parse_on_off(args.dss_checksum, "--dss-checksum")
+    if args.name is not None:
+        canonical_name(args.name)  # a bad name is refused before the privilege check
+    require_privileges("up")
     lab = Lab.create(specs, name=args.name, topology=args.topology, persistent=True,
-                     dss_checksum=parse_on_off(args.dss_checksum, "--dss-checksum"))
-    print(json.dumps(lab.facts(), indent=2) if args.json else format_facts(lab))
+                     dss_checksum=dss)
+    print_facts(lab, args.json)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    print_facts(Lab.attach(args.name), args.json)
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    if not (math.isfinite(args.grace) and args.grace >= 0):
+        raise ConfigError("--grace", f"must be 0 or more seconds, not {args.grace:g}")
+    require_privileges("down")
     if args.all:
-        for name in list_labs():
-            remove_lab(name)
-            print(f"removed {name}")
-        # Namespaces a crashed build left without a recognisable suffix.
-        netns.delete(netns.list_namespaces(LAB_PREFIX))
-        return 0
-    names = [canonical_name(n) for n in args.names]
-    unknown = [n for n in names if n not in list_labs()]
-    if unknown:
-        raise LabError(f"no lab named {', '.join(unknown)}")
+        names = list_labs()
+        # Stray namespaces: what a crashed build left without a recognisable suffix.
+        strays = netns.list_namespaces(LAB_PREFIX)
+    else:
+        names = [canonical_name(n) for n in args.names]
+        unknown = [n for n in names if n not in list_labs()]
+        if unknown:
+            raise LabError(f"no lab named {', '.join(unknown)}")
+        strays = []
+    # Every lab's processes get their SIGTERM, and the grace, together.
+    everything = dict.fromkeys([ns for name in names for ns in lab_namespaces(name)] + strays)
+    netns.terminate_processes([ns for ns in everything if netns.exists(ns)], args.grace)
     for name in names:
         remove_lab(name)
         print(f"removed {name}")
+    if strays:
+        netns.delete(strays)
     return 0
 
 
@@ -181,8 +241,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
         raise ConfigError("CMD", "give a command to run, after --")
+    require_privileges("exec")
     node = Lab.attach(args.name).node(args.role)
-    return node.run(argv, check=False, capture=False, timeout=None).returncode
+    return run_tied(node.popen, argv)
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -1,8 +1,8 @@
 """`mptcp-proxy transparent [--ports LIST|all] [--announce ADDR[:PORT]] [--bypass-ttl SECONDS]`.
 
 Run on a host that routes the clients' traffic (the on-path proxy). Needs
-root (nftables, policy routing, sysctls, path-manager endpoints); everything
-it changes is put back when it exits.
+root (nftables, policy routing, sysctls, path-manager endpoints: checked
+before anything changes); everything it changes is put back when it exits.
 """
 
 from __future__ import annotations
@@ -32,16 +32,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "TPROXY), terminate their MPTCP connections here and relay them to the "
                     "real servers; plain TCP passes untouched. With --announce, clients "
                     "learn this proxy's address and add subflows to it over their other "
-                    "paths. Servers that answer with MPTCP are bypassed for a while.")
+                    "paths. Servers that answer with MPTCP are bypassed for a while.",
+        epilog="Needs CAP_NET_ADMIN (run as root): nftables, policy routing, MPTCP "
+               "endpoints, the C-bit sysctl, IP_TRANSPARENT. Checked at start, before "
+               "anything changes; everything changed is put back on exit. Example: "
+               "mptcp-proxy transparent --ports 80,443 --announce 203.0.113.5:7002 "
+               "(203.0.113.5: an address of this host).")
     p.add_argument("--ports", default="all", metavar="LIST|all",
                    help="destination ports to intercept: all (default) or a list such as "
                         "80,443,8000-8100")
     p.add_argument("--announce", action="append", default=[], metavar="ADDR[:PORT]",
                    help="announce this address of the proxy to clients (ADD_ADDR), with "
                         f"PORT (default {DEFAULT_ANNOUNCE_PORT}; the kernel listens there "
-                        "for their joins); repeatable. Announce an IPv4 address: an IPv6 "
-                        "one with a port only fits connections without TCP timestamps. "
-                        "Without it, connections use the path they started on")
+                        "for their joins); repeatable. ADDR must be an address of this "
+                        "host (checked at start), the one the clients' other paths reach "
+                        "it at: they open their extra subflows to it. Announce an IPv4 "
+                        "address: an IPv6 one with a port only fits connections without "
+                        "TCP timestamps. Without it, connections use the path they "
+                        "started on")
     p.add_argument("--bypass-ttl", type=float, default=DEFAULT_BYPASS_TTL, metavar="SECONDS",
                    help="how long a server seen speaking MPTCP is left end to end "
                         f"(default {DEFAULT_BYPASS_TTL:.0f})")

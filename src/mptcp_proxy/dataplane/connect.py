@@ -1,6 +1,6 @@
 """Non-blocking upstream connections: MPTCP first, TCP fallback, with a timeout.
 
-The fallback-close trap (KERNEL-FACTS.md): an outbound MPTCP socket that fell back
+The fallback-close trap (docs/KERNEL-FACTS.md): an outbound MPTCP socket that fell back
 to TCP can, rarely, miss the server's FIN. The connector therefore (1) reports
 whether the connection really is MPTCP (TCP_IS_MPTCP), (2) remembers targets that
 fell back and uses plain TCP for them for ``tcp_only_ttl`` seconds in ``auto``

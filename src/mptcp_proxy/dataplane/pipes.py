@@ -1,7 +1,7 @@
 """A pool of kernel pipes for splice.
 
 A pipe costs two file descriptors, and the hard fd limit here is 20,000 per
-process (KERNEL-FACTS.md), so a relay must not hold a pipe per idle connection.
+process (docs/KERNEL-FACTS.md), so a relay must not hold a pipe per idle connection.
 Directions borrow a pipe only while bytes are in flight and give it back empty.
 """
 

@@ -18,7 +18,7 @@ Design rules:
   a RST (SO_LINGER 0), so it can never mistake a broken relay for a clean EOF.
 - Timeouts: idle timeout per connection (lazy timer re-armed from
   ``last_active``). An optional close probe guards upstream MPTCP sockets that
-  fell back to TCP and can miss the server's FIN (KERNEL-FACTS.md, "fallback-close
+  fell back to TCP and can miss the server's FIN (docs/KERNEL-FACTS.md, "fallback-close
   trap"): if the subflow sits in CLOSE_WAIT with nothing to read on two probes in
   a row, the direction is treated as ended.
 """

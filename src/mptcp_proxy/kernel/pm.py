@@ -1,6 +1,6 @@
 """The in-kernel MPTCP path manager through ``ip mptcp``: endpoints and limits, undone on exit.
 
-What a transparent proxy needs from it (KERNEL-FACTS.md, "Path manager"):
+What a transparent proxy needs from it (docs/KERNEL-FACTS.md, "Path manager"):
 
 - a ``signal`` endpoint *with a port* for its reachable address: the kernel
   announces it (ADD_ADDR) on every new connection of the namespace and opens

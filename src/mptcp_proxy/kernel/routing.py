@@ -2,7 +2,7 @@
 
 A SYN diverted by TPROXY keeps its foreign destination address; only a route
 of type ``local`` makes the host deliver it instead of forwarding it
-(KERNEL-FACTS.md, "Interception")::
+(docs/KERNEL-FACTS.md, "Interception")::
 
     ip rule add fwmark MARK lookup TABLE pref PREF protocol 203
     ip route add local default dev lo table TABLE proto 203

@@ -33,14 +33,14 @@ def read_sysctl(key: str) -> str:
     try:
         return sysctl_path(key).read_text().strip()
     except OSError as exc:
-        raise KernelError(f"cannot read sysctl {key}: {exc.strerror}") from None
+        raise KernelError(f"cannot read sysctl {key}: {exc.strerror}", exc.errno) from None
 
 
 def write_sysctl(key: str, value: str | int) -> None:
     try:
         sysctl_path(key).write_text(f"{value}\n")
     except OSError as exc:
-        raise KernelError(f"cannot set sysctl {key}={value}: {exc.strerror}") from None
+        raise KernelError(f"cannot set sysctl {key}={value}: {exc.strerror}", exc.errno) from None
 
 
 class SysctlChanges:
@@ -143,12 +143,17 @@ class SharedSysctlBits:
         :class:`KernelError` if the sysctl or the record cannot be written."""
         if self.held:
             return
+        fd = netns.open_current()   # first: a failure here leaves nothing recorded
         try:
             self._acquire()
         except OSError as exc:
+            os.close(fd)
             raise KernelError(f"cannot record the users of {self.key} in {self.state_dir}: "
-                              f"{exc.strerror}") from None
-        self._netns_fd = netns.open_current()
+                              f"{exc.strerror}", exc.errno) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._netns_fd = fd
 
     def _acquire(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +175,12 @@ class SharedSysctlBits:
                          self.key, current, wanted)
             record["set"] = str(wanted)
             record["holders"] = holders + [self.token]
-            self._write(record)
+            try:
+                self._write(record)
+            except OSError:
+                if wanted != current:   # unrecorded, it would never be restored
+                    write_sysctl(self.key, current)
+                raise
         self.held = True
 
     def release(self) -> None:

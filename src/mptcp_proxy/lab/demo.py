@@ -16,12 +16,18 @@ import time
 from typing import TextIO
 
 from mptcp_proxy.errors import LabError
+from mptcp_proxy.lab import netns
 from mptcp_proxy.lab.topology import Lab, PathSpec
 from mptcp_proxy.lab.traffic import (
     PathSample, SinkServer, TransferResult, set_client_subflows, timed_upload,
 )
 
 PROXY_PORT = 8080
+
+
+def require_privileges() -> None:
+    """LabError, before anything is printed or built, unless we may build a lab."""
+    netns.require_privileges("demo", "it builds a lab of network namespaces")
 
 
 def _proxy_argv(listen: str, target: str) -> list[str]:
@@ -63,7 +69,7 @@ class Demo:
             self.say(line)
 
     def _phase(self, lab: Lab, dest: tuple[str, int], label: str, seed: int) -> TransferResult:
-        self.say(f"{label} ({self.seconds:.0f} s upload, client -> proxy -> server)")
+        self.say(f"{label} ({self.seconds:g} s upload, client -> proxy -> server)")
         result = timed_upload(lab, dest, self.seconds, seed=seed, on_sample=self._progress)
         if self.tty:
             print(file=self.out)
@@ -74,6 +80,7 @@ class Demo:
         return result
 
     def run(self) -> int:
+        require_privileges()
         started = time.monotonic()
         r0, r1 = self.rates
         self.say("mptcp-proxy demo: one TCP connection, two paths, through an MPTCP proxy")

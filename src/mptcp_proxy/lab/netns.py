@@ -36,6 +36,51 @@ PROC_SYS = Path("/proc/sys")
 COMMAND_TIMEOUT_S = 30.0
 # How long a SIGKILLed process may take to leave its namespace.
 KILL_WAIT_S = 2.0
+# How often waits for processes to leave a namespace look again.
+POLL_INTERVAL_S = 0.02
+
+# Capability numbers (<linux/capability.h>) the lab commands need.
+CAP_KILL = 5
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+CAP_NAMES = {CAP_KILL: "CAP_KILL", CAP_NET_ADMIN: "CAP_NET_ADMIN",
+             CAP_SYS_ADMIN: "CAP_SYS_ADMIN"}
+
+def effective_capabilities() -> int:
+    """This process's effective capability set, as a bit mask (``CapEff``)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    return ~0 if os.geteuid() == 0 else 0  # no /proc: trust the uid
+
+
+def missing_capabilities(caps: Iterable[int]) -> list[str]:
+    """Names of the capabilities in ``caps`` this process lacks, in the order given."""
+    have = effective_capabilities()
+    return [CAP_NAMES.get(cap, f"capability {cap}") for cap in caps if not have >> cap & 1]
+
+
+def require_privileges(command: str, why: str,
+                       caps: Sequence[int] = (CAP_SYS_ADMIN, CAP_NET_ADMIN)) -> None:
+    """Refuse to start ``command`` without ``caps``: one LabError line saying why.
+
+    Called before a command does anything, so that an unprivileged user gets
+    this line rather than the first tool's failure (``mount --make-shared
+    /run/netns failed``) or half a lab.
+    """
+    missing = missing_capabilities(caps)
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        names = " and ".join(CAP_NAMES.get(c, f"capability {c}") for c in caps)
+        raise LabError(f"{command} needs root ({names}: {why}); run it with sudo")
+    raise LabError(f"{command} needs {' and '.join(missing)} ({why}), which this root "
+                   "process lacks (a container without them?)")
+
 
 def ns_path(ns: str) -> Path:
     """The bind mount that names ``ns``."""
@@ -269,6 +314,32 @@ def pids_in(namespaces: Iterable[str]) -> dict[str, list[int]]:
     return found
 
 
+def terminate_processes(namespaces: Iterable[str], grace: float) -> list[int]:
+    """SIGTERM every process living in ``namespaces``; wait up to ``grace`` seconds.
+
+    Gives proxies running in a lab the chance to drain and restore what they
+    changed before :func:`delete` SIGKILLs them. Returns the pids still there
+    when the time is up (:func:`delete` kills them). Processes that appear
+    during the wait get their SIGTERM too.
+    """
+    namespaces = list(namespaces)
+    deadline = time.monotonic() + (grace if grace > 0 else 0.0)  # NaN: no wait
+    signalled: set[int] = set()
+    while True:
+        pids = [pid for group in pids_in(namespaces).values() for pid in group]
+        for pid in pids:
+            if pid in signalled:
+                continue
+            signalled.add(pid)
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        if not pids or time.monotonic() >= deadline:
+            return pids
+        time.sleep(POLL_INTERVAL_S)
+
+
 def kill_processes(namespaces: Iterable[str]) -> list[int]:
     """SIGKILL every process living in ``namespaces``; wait until they are gone.
 
@@ -290,11 +361,17 @@ def kill_processes(namespaces: Iterable[str]) -> list[int]:
         time.sleep(0.01)
 
 
-def delete(namespaces: Iterable[str]) -> None:
-    """Kill what runs inside ``namespaces``, then delete them. Missing ones are skipped."""
+def delete(namespaces: Iterable[str], grace: float = 0.0) -> None:
+    """Kill what runs inside ``namespaces``, then delete them. Missing ones are skipped.
+
+    With ``grace`` the processes first get SIGTERM and that many seconds to
+    exit (:func:`terminate_processes`); SIGKILL takes the rest.
+    """
     present = [ns for ns in namespaces if exists(ns)]
     if not present:
         return
+    if grace > 0:
+        terminate_processes(present, grace)
     survivors = kill_processes(present)
     # -force: one failing delete must not keep the others alive.
     proc = subprocess.run(["ip", "-force", "-batch", "-"],

@@ -123,6 +123,12 @@ MAX_DELAY_MS = 10_000.0
 # The delay emulator must bind its queues within this time, or the build fails.
 IMPAIR_READY_TIMEOUT_S = 10.0
 
+# Every address of lab K is in 10.K.0.0/16 and fd00:K::/32 (LabPlan.networks).
+LAB_PREFIX_LEN = 16
+LAB_PREFIX_LEN6 = 32
+# The explicit proxies that refuse private targets unless --allow-target says so.
+TARGET_CHECKING_MODES = ("convert", "socks5", "http-connect")
+
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,23}$")
 SERVER_LINK_IF = "srvlink"
 
@@ -261,6 +267,23 @@ class LabPlan:
     def proxy_public_addr6(self) -> str:
         return self.proxy_server_side_addr6
 
+    @property
+    def networks(self) -> tuple[str, str]:
+        """``(IPv4, IPv6)`` networks holding every address of the lab.
+
+        ``10.K.0.0/16`` and ``fd00:K::/32``: private ranges, which the explicit
+        proxies (convert, socks5, http-connect) refuse as targets unless
+        allowed with ``--allow-target`` (see :func:`allow_target_hint`).
+        """
+        v4 = ipaddress.ip_network(f"{self.server_addr}/{LAB_PREFIX_LEN}", strict=False)
+        v6 = ipaddress.ip_network(f"{self.server_addr6}/{LAB_PREFIX_LEN6}", strict=False)
+        return str(v4), str(v6)
+
+    @property
+    def allow_target_options(self) -> tuple[str, ...]:
+        """``--allow-target NET`` for each of :attr:`networks`, as argv words."""
+        return tuple(word for net in self.networks for word in ("--allow-target", net))
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -276,6 +299,18 @@ class LabPlan:
             return cls(**{**data, "paths": paths, "links": links, "roles": roles})
         except (KeyError, TypeError) as exc:
             raise LabError(f"malformed lab state: {exc}") from None
+
+
+def allow_target_advice(plan: LabPlan) -> str:
+    """What the explicit proxies need to reach the lab's servers (``add --allow-target ...``)."""
+    modes = f"{', '.join(TARGET_CHECKING_MODES[:-1])} and {TARGET_CHECKING_MODES[-1]}"
+    return (f"add {' '.join(plan.allow_target_options)} to {modes} to reach its servers "
+            "(lab addresses are private: refused as targets by default)")
+
+
+def allow_target_hint(plan: LabPlan) -> str:
+    """The same as one self-contained line: ``proxies in this lab: add ...``."""
+    return "proxies in this lab: " + allow_target_advice(plan)
 
 
 def canonical_name(raw: str) -> str:
@@ -878,13 +913,26 @@ class Lab:
         return {"name": self.name,
                 "namespaces": dict(zip(self.plan.roles, self.plan.namespaces)),
                 "impair_pid": self.impair_pid,
-                **self.plan.to_dict()}
+                **self.plan.to_dict(),
+                "networks": list(self.plan.networks),
+                "proxy_options": list(self.plan.allow_target_options),
+                "hint": allow_target_hint(self.plan)}
 
 
-def remove_lab(name: str) -> None:
-    """Delete lab ``name``'s namespaces (killing what runs there) and state file."""
+def lab_namespaces(name: str) -> list[str]:
+    """Every namespace lab ``name`` may have (whichever topology built it)."""
     name = canonical_name(name)
-    netns.delete([name + ROLE_SUFFIX[role] for role in ALL_ROLES])
+    return [name + ROLE_SUFFIX[role] for role in ALL_ROLES]
+
+
+def remove_lab(name: str, grace: float = 0.0) -> None:
+    """Delete lab ``name``'s namespaces (killing what runs there) and state file.
+
+    With ``grace``, what runs there gets SIGTERM and that many seconds to exit
+    before SIGKILL (``lab down``: proxies drain and restore their state).
+    """
+    name = canonical_name(name)
+    netns.delete(lab_namespaces(name), grace=grace)
     state_path(name).unlink(missing_ok=True)
     impair_log_path(name).unlink(missing_ok=True)
 

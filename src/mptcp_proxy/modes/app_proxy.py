@@ -66,6 +66,38 @@ _HTTP_STATUS = {
 }
 
 
+# What an HTTP refusal's body says (``{target}``: host:port as the proxy
+# validated it, a name with its address when resolved). Fixed words only.
+_WHY = {
+    Refusal.CLIENT_NOT_ALLOWED: "your address is not among the client networks this proxy "
+                                "serves (--allow)",
+    Refusal.TARGET_NOT_ALLOWED: "target {target} is not allowed by this proxy's policy",
+    Refusal.PORT_NOT_ALLOWED: "target {target}: the port is not one this proxy serves "
+                              "(--allow-port)",
+    Refusal.RESOLVE_FAILED: "cannot resolve the name of target {target}",
+    Refusal.REFUSED: "target {target} refused the connection",
+    Refusal.HOST_UNREACHABLE: "target {target} is unreachable (host unreachable)",
+    Refusal.NETWORK_UNREACHABLE: "target {target} is unreachable (network unreachable)",
+    Refusal.TIMEOUT: "target {target} did not answer in time",
+    Refusal.RESOURCES: "the proxy is busy; try again later",
+    Refusal.NETWORK: "connecting to target {target} failed",
+}
+
+
+def refusal_why(refusal: Refusal, target: str = "-", explanation: str = "",
+                resolving: bool = False) -> str:
+    """What an HTTP refusal says after its status: ``target 10.1.2.3:80 is in a
+    private range (10.0.0.0/8); the proxy needs --allow-target 10.0.0.0/8 to
+    reach it``. ``explanation``: the policy's words for a refused target
+    (:func:`~mptcp_proxy.modes.policy.explain_target`); ``resolving``: a
+    timeout hit the name lookup, not the connect."""
+    if refusal is Refusal.TARGET_NOT_ALLOWED and explanation:
+        return f"target {target} {explanation}"
+    if refusal is Refusal.TIMEOUT and resolving:
+        return f"the name lookup for target {target} did not finish in time"
+    return _WHY[refusal].format(target=target)
+
+
 def socks_reply(refusal: Refusal) -> Socks5Reply:
     return _SOCKS_REPLY[refusal]
 
@@ -98,18 +130,25 @@ class AppHandshake:
     def leftover(self) -> bytes:
         return self._hs.leftover
 
+    @property
+    def requested(self) -> tuple[object, int] | None:
+        """(host, port) of the request once its target was decoded and valid,
+        even if the request then failed; None before."""
+        return self._hs.requested
+
     def success(self, bound: tuple[str, int] | None = None) -> bytes:
         if isinstance(self._hs, Socks5Handshake):
             return self._hs.success(bound)
         return self._hs.success()
 
-    def refuse(self, refusal: Refusal) -> tuple[bytes, int]:
-        """(the answer, its code: SOCKS REP or HTTP status)."""
+    def refuse(self, refusal: Refusal, why: str = "") -> tuple[bytes, int]:
+        """(the answer, its code: SOCKS REP or HTTP status). ``why`` becomes the
+        HTTP body's explanation (:func:`refusal_why`); SOCKS has no room for it."""
         if isinstance(self._hs, Socks5Handshake):
             rep = socks_reply(refusal)
             return self._hs.failure(rep), int(rep)
         status = http_status(refusal)
-        return self._hs.failure(status), status
+        return self._hs.failure(status, why), status
 
 
 def error_reason(protocol: str, exc: ProtocolError) -> str:
@@ -127,5 +166,5 @@ HandshakeError = (Socks5Error, HttpConnectError)
 
 __all__ = [
     "HTTP_CONNECT", "PROTOCOLS", "SOCKS5", "AppHandshake", "HandshakeError",
-    "Refusal", "error_reason", "http_status", "socks_reply",
+    "Refusal", "error_reason", "http_status", "refusal_why", "socks_reply",
 ]

@@ -15,6 +15,10 @@ Design rules:
   kept in ``leftover`` and relayed after the reply, never dropped.
 - Every violation raises :class:`HttpConnectError` carrying the complete
   response to send before closing and the status code.
+- Error responses carry a one-line ``text/plain`` body saying why (``403
+  Forbidden: target 10.1.2.3:80 is in a private range ...``), made of fixed
+  words and values the proxy validated (addresses, LDH host names, ports):
+  never the client's raw bytes, never its credentials.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ _REASONS = {
     505: "HTTP Version Not Supported",
 }
 
+_TOO_LARGE = f"the request's header block is over {MAX_HEADER_BYTES} bytes"
+
 # RFC 9110 §5.6.2 token characters: method and field names.
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _VERSION = re.compile(rb"^HTTP/(\d)\.(\d)$")
@@ -63,14 +69,33 @@ class HttpConnectError(ProtocolError):
 Authenticator = Callable[[str, str], bool]
 
 
-def response(status: int, extra_headers: tuple[str, ...] = ()) -> bytes:
+MAX_WHY = 300                  # characters of an error body's explanation
+
+
+def error_body(status: int, why: str = "") -> bytes:
+    """The one-line body of an error response: ``403 Forbidden: WHY`` (or just
+    the status). Anything but printable ASCII in ``why`` becomes ``?`` and it
+    is cut at ``MAX_WHY`` characters: a body is never a channel for bytes the
+    proxy did not mean to send."""
+    line = f"{status} {_REASONS.get(status, 'Error')}"
+    if why:
+        clean = "".join(c if " " <= c <= "~" else "?" for c in why[:MAX_WHY])
+        line += f": {clean}"
+    return (line + "\n").encode("ascii")
+
+
+def response(status: int, extra_headers: tuple[str, ...] = (), why: str = "") -> bytes:
     """A complete response. Error responses say ``Connection: close`` and carry
-    no content; the tunnel's 200 carries neither length nor encoding (§9.3.6)."""
+    a one-line ``text/plain`` body saying why (:func:`error_body`); the
+    tunnel's 200 carries neither length nor encoding (§9.3.6)."""
     lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
+    body = b""
     if status // 100 != 2:
-        lines += ["Connection: close", "Content-Length: 0"]
+        body = error_body(status, why)
+        lines += ["Connection: close", "Content-Type: text/plain; charset=us-ascii",
+                  f"Content-Length: {len(body)}"]
     lines += list(extra_headers)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + body
 
 
 def parse_authority(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address | str, int]:
@@ -121,6 +146,10 @@ class HttpConnectHandshake:
         self._failed = False
         self.request: ConnectRequest | None = None
         self.leftover = b""
+        self.requested: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address | str, int] \
+            | None = None
+        """The CONNECT target once parsed and valid, also when the request then
+        fails (407, content): what the close log names."""
 
     @property
     def done(self) -> bool:
@@ -140,12 +169,13 @@ class HttpConnectHandshake:
         end, sep_len = _header_end(self._buf)
         if end < 0:
             if len(self._buf) > MAX_HEADER_BYTES:
-                self._fail(431, f"header block over {MAX_HEADER_BYTES} bytes")
+                self._fail(431, f"header block over {MAX_HEADER_BYTES} bytes", why=_TOO_LARGE)
             if self._buf and not self._buf[:1].isalpha() and self._buf[:1] not in (b"\r", b"\n"):
-                self._fail(400, "not an HTTP request")
+                self._fail(400, "not an HTTP request",
+                           why="not an HTTP request; this is an HTTP CONNECT proxy")
             return b"", None
         if end + sep_len > MAX_HEADER_BYTES:
-            self._fail(431, f"header block over {MAX_HEADER_BYTES} bytes")
+            self._fail(431, f"header block over {MAX_HEADER_BYTES} bytes", why=_TOO_LARGE)
         head = bytes(self._buf[:end])
         self.leftover = bytes(self._buf[end + sep_len:])
         self._buf.clear()
@@ -158,14 +188,19 @@ class HttpConnectHandshake:
             raise HttpConnectError("success() before a request", b"", 500)
         return response(200)
 
-    def failure(self, status: int) -> bytes:
+    def failure(self, status: int, why: str = "") -> bytes:
+        """The refusal of a complete request; ``why`` becomes its body's
+        explanation (fixed words and validated values only, see :func:`error_body`)."""
         self._failed = True
-        return response(status)
+        return response(status, why=why)
 
     # -- parsing --------------------------------------------------------------
-    def _fail(self, status: int, message: str, extra: tuple[str, ...] = ()) -> None:
+    def _fail(self, status: int, message: str, extra: tuple[str, ...] = (),
+              why: str = "") -> None:
+        """``message`` is for the log (it may quote the client); ``why`` is for
+        the client and made of fixed words only."""
         self._failed = True
-        raise HttpConnectError(message, response(status, extra), status)
+        raise HttpConnectError(message, response(status, extra, why), status)
 
     def _parse(self, head: bytes) -> ConnectRequest:
         lines = [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
@@ -173,52 +208,63 @@ class HttpConnectHandshake:
         while lines and not lines[0]:
             lines.pop(0)
         if not lines:
-            self._fail(400, "empty request")
+            self._fail(400, "empty request", why="empty request")
         parts = lines[0].split(b" ")
         if len(parts) != 3 or not all(parts):
-            self._fail(400, "request line is not METHOD SP TARGET SP VERSION")
+            self._fail(400, "request line is not METHOD SP TARGET SP VERSION",
+                       why="the request line must be CONNECT HOST:PORT HTTP/1.1")
         method, target, version = parts
         match = _VERSION.match(version)
         if not match:
-            self._fail(400, f"bad HTTP version {version[:16]!r}")
+            self._fail(400, f"bad HTTP version {version[:16]!r}",
+                       why="the request line must end in HTTP/1.1")
         if match.group(1) != b"1":
-            self._fail(505, f"HTTP version {version.decode('ascii')} not supported")
+            self._fail(505, f"HTTP version {version.decode('ascii')} not supported",
+                       why="this proxy speaks HTTP/1.1 and HTTP/1.0")
         if not _TOKEN.match(method):
-            self._fail(400, "bad method")
+            self._fail(400, "bad method", why="bad method")
         if method != b"CONNECT":
             self._fail(405, f"method {method[:16].decode('ascii')} not allowed; "
-                            "this proxy only tunnels (CONNECT)", ("Allow: CONNECT",))
+                            "this proxy only tunnels (CONNECT)", ("Allow: CONNECT",),
+                       why="this proxy only tunnels: use CONNECT HOST:PORT")
         try:
             host, port = parse_authority(target.decode("ascii"))
         except (UnicodeDecodeError, ValueError) as exc:
-            self._fail(400, f"bad CONNECT target: {exc}")
+            self._fail(400, f"bad CONNECT target: {exc}",
+                       why="the CONNECT target must be HOST:PORT or [IPv6]:PORT, "
+                           "with a port from 1 to 65535")
+        self.requested = (host, port)  # type: ignore[possibly-undefined]
         headers = self._headers(lines[1:])
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) != 0):
-            self._fail(400, f"CONNECT with content (Content-Length {length[:16]})")
+            self._fail(400, f"CONNECT with content (Content-Length {length[:16]})",
+                       why="a CONNECT request has no content (Content-Length must be 0)")
         if "transfer-encoding" in headers:
-            self._fail(400, "CONNECT with Transfer-Encoding")
+            self._fail(400, "CONNECT with Transfer-Encoding",
+                       why="a CONNECT request has no content (no Transfer-Encoding)")
         username = self._authenticate(headers.get("proxy-authorization"))
         return ConnectRequest(host, port, username)  # type: ignore[possibly-undefined]
 
     def _headers(self, lines: list[bytes]) -> dict[str, str]:
         if len(lines) > MAX_HEADERS:
-            self._fail(431, f"more than {MAX_HEADERS} header fields")
+            self._fail(431, f"more than {MAX_HEADERS} header fields",
+                       why=f"more than {MAX_HEADERS} header fields")
         headers: dict[str, str] = {}
         for line in lines:
             name, colon, value = line.partition(b":")
             # No whitespace before the colon, no obsolete line folding (§5.1, §5.2).
             if not colon or not _TOKEN.match(name):
-                self._fail(400, "malformed header field")
+                self._fail(400, "malformed header field", why="malformed header field")
             try:
                 text = value.strip(b" \t").decode("latin-1")
             except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-                self._fail(400, "undecodable header field")
+                self._fail(400, "undecodable header field", why="undecodable header field")
             if any(c in text for c in "\r\n\0"):
-                self._fail(400, "control character in header field")
+                self._fail(400, "control character in header field",
+                           why="control character in a header field")
             key = name.decode("ascii").lower()
             if key in ("content-length", "proxy-authorization", "host") and key in headers:
-                self._fail(400, f"duplicate {key} header")
+                self._fail(400, f"duplicate {key} header", why=f"duplicate {key} header")
             headers[key] = text
         return headers
 
@@ -227,17 +273,22 @@ class HttpConnectHandshake:
             return None
         challenge = (f'Proxy-Authenticate: Basic realm="{REALM}"',)
         if credentials is None:
-            self._fail(407, "no Proxy-Authorization", challenge)
+            self._fail(407, "no Proxy-Authorization", challenge,
+                       why="this proxy needs a user name and password (Basic)")
         scheme, _, token = credentials.partition(" ")
         if scheme.lower() != "basic":
-            self._fail(407, f"authentication scheme {scheme[:16]!r} not supported", challenge)
+            self._fail(407, f"authentication scheme {scheme[:16]!r} not supported", challenge,
+                       why="this proxy only takes Basic authentication")
         try:
             decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError, ValueError):
-            self._fail(407, "malformed Basic credentials", challenge)
+            self._fail(407, "malformed Basic credentials", challenge,
+                       why="malformed Basic credentials")
         username, colon, password = decoded.partition(":")  # type: ignore[possibly-undefined]
         if not colon or not self._auth(username, password):
-            self._fail(407, f"bad credentials for {username[:64]!r}", challenge)
+            # One answer for an unknown user and a wrong password (no oracle).
+            self._fail(407, f"bad credentials for {username[:64]!r}", challenge,
+                       why="wrong user name or password")
         return username
 
 
@@ -252,5 +303,5 @@ def _header_end(buf: bytearray) -> tuple[int, int]:
 
 __all__ = [
     "HttpConnectError", "HttpConnectHandshake", "MAX_HEADER_BYTES",
-    "parse_authority", "response",
+    "error_body", "parse_authority", "response",
 ]

@@ -302,6 +302,73 @@ class TargetPolicy:
         return TargetReason.GLOBAL
 
 
+# What the special-use ranges are, for people (refusal messages and hints).
+_RANGE_LABELS: tuple[tuple[IPNetwork, str], ...] = tuple(
+    (ipaddress.ip_network(net), label) for net, label in (
+        ("10.0.0.0/8", "a private range"), ("172.16.0.0/12", "a private range"),
+        ("192.168.0.0/16", "a private range"), ("fc00::/7", "a private (unique local) range"),
+        ("100.64.0.0/10", "the shared (CGN) range"),
+        ("192.0.2.0/24", "a documentation range"), ("198.51.100.0/24", "a documentation range"),
+        ("203.0.113.0/24", "a documentation range"), ("2001:db8::/32", "a documentation range"),
+        ("3fff::/20", "a documentation range"), ("198.18.0.0/15", "the benchmarking range"),
+    ))
+
+_NEVER = {
+    TargetReason.UNSPECIFIED: "is unspecified",
+    TargetReason.LOOPBACK: "is a loopback address",
+    TargetReason.MULTICAST: "is a multicast address",
+    TargetReason.BROADCAST: "is a broadcast address",
+    TargetReason.LINK_LOCAL: "is link-local",
+}
+
+
+def special_use_range(address: IPAddress) -> IPNetwork | None:
+    """The special-use range (RFC 6890 registries) holding ``address``, if any."""
+    address = normalize(address)
+    for net in _SPECIAL_USE:
+        if net.version == address.version and address in net:
+            return net
+    return None
+
+
+def explain_target(decision: TargetDecision, requested: IPAddress | None = None,
+                   advice: bool = True) -> str:
+    """Why ``decision`` refused its target, as words that follow the target's name:
+    ``is in a private range (10.0.0.0/8); the proxy needs --allow-target 10.0.0.0/8
+    to reach it``. ``requested``: the address asked for, when the verdict is
+    about an IPv4 address embedded in it; ``advice=False`` leaves out what
+    the proxy would need (:func:`allow_target_hint` says it to the operator).
+    Only addresses and fixed words: safe to send to clients and to log."""
+    subject = ""
+    if requested is not None and normalize(requested) != decision.address:
+        subject = f"embeds {decision.address}, which "
+    reason = decision.reason
+    if decision.allowed:
+        return subject + "is allowed"
+    if reason is TargetReason.SPECIAL_USE:
+        net = special_use_range(decision.address)
+        if net is None:  # pragma: no cover - SPECIAL_USE means inside one
+            return subject + "is in a special-use range; the proxy needs --allow-target to reach it"
+        label = next((label for n, label in _RANGE_LABELS if n == net), "a special-use range")
+        return f"{subject}is in {label} ({net})" + (
+            f"; the proxy needs --allow-target {net} to reach it" if advice else "")
+    if reason is TargetReason.OWN_ADDRESS:
+        return subject + "is an address of this proxy (it would connect to itself)"
+    if reason is TargetReason.DENIED_RANGE:
+        return subject + "is in a range this proxy refuses (--deny-target)"
+    return f"{subject}{_NEVER.get(reason, 'is refused')}: a proxy never connects there"
+
+
+def allow_target_hint(decision: TargetDecision) -> str | None:
+    """For the operator, when a special-use target was refused: which
+    ``--allow-target`` would open it (None for refusals no option changes)."""
+    if decision.reason is not TargetReason.SPECIAL_USE:
+        return None
+    net = special_use_range(decision.address)
+    return ("--allow-target CIDR allows private targets"
+            + (f" (here: --allow-target {net})" if net is not None else ""))
+
+
 @dataclass(frozen=True, slots=True)
 class ClientPolicy:
     """Which client sources may use the proxy (RFC 8803 §6: managed networks)."""
@@ -316,7 +383,7 @@ class ClientPolicy:
 
 
 __all__ = [
-    "valid_hostname",
+    "allow_target_hint", "explain_target", "special_use_range", "valid_hostname",
     "ANY", "DEFAULT_CLIENT_NETWORKS", "ClientPolicy", "IPAddress", "IPNetwork",
     "TargetDecision", "TargetPolicy", "TargetReason", "TargetVerdict", "normalize",
     "parse_address", "parse_networks", "spellings",

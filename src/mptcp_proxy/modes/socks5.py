@@ -106,6 +106,10 @@ class Socks5Handshake:
         self._username: str | None = None
         self.request: ConnectRequest | None = None
         self.leftover = b""
+        self.requested: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address | str, int] \
+            | None = None
+        """The CONNECT target once decoded and valid, also when the request is
+        then refused (port 0): what the close log names."""
 
     @property
     def state(self) -> str:
@@ -250,6 +254,7 @@ class Socks5Handshake:
             if not valid_hostname(host):
                 # Spaces and control characters would reach resolvers and log lines.
                 self._refuse(Socks5Reply.GENERAL_FAILURE, "not a valid host name")
+        self.requested = (host, port)  # type: ignore[possibly-undefined]
         if port == 0:
             self._refuse(Socks5Reply.NOT_ALLOWED, "port 0")
         self.request = ConnectRequest(host, port, self._username)

@@ -65,6 +65,7 @@ from mptcp_proxy.dataplane.resolve import AsyncResolver, Lookup, Resolver, Resol
 from mptcp_proxy.errors import ConfigError, KernelError
 from mptcp_proxy.kernel import netns
 from mptcp_proxy.kernel.nft import NftTable, check_name
+from mptcp_proxy.kernel.privileges import Need, missing_capabilities, port_needs, require
 from mptcp_proxy.kernel.sysctl import read_sysctl
 from mptcp_proxy.modes.client_agent import (
     DEFAULT_MARK, DEFAULT_TABLE, MAX_MARK, TABLE_FAMILY, CaptureRules, CaptureSpec,
@@ -126,8 +127,10 @@ class AgentConfig:
     """Address of the SOCKS5 listener (None: no SOCKS5)."""
     mark: int = DEFAULT_MARK
     """fwmark on the agent's own sockets, so that capture never takes them."""
-    tfo: bool = True
-    """Offer the Convert request (and early application bytes) to the SYN (0-RTT)."""
+    tfo: bool = False
+    """Offer the Convert request (and early application bytes) to the SYN (0-RTT).
+    Off by default: multipath downloads on connections the converter accepted
+    with SYN data run ~9x slower on Linux 6.18 (cli/client_cmd.DEFAULT_TFO)."""
     tfo_no_cookie: bool = False
     """Set TCP_FASTOPEN_NO_COOKIE: SYN data without a cookie (the converter must accept it)."""
     table: str = DEFAULT_TABLE
@@ -142,9 +145,10 @@ class AgentConfig:
     backlog: int = 1024
     drain_timeout: float = 10.0
     log_connections: bool = True
-    dss_checksum: bool = False
-    """Ask for DSS checksums on the MPTCP connections to converters and servers
-    (off by default: see :attr:`mptcp_proxy.config.ServerSettings.dss_checksum`)."""
+    dss_checksum: bool | None = None
+    """Ask for DSS checksums on the MPTCP connections to converters and servers.
+    None: on, unless ``tfo`` (with TCP Fast Open, checksums made multipath
+    uploads wrong on Linux 6.18; see :attr:`mptcp_proxy.config.ServerSettings.dss_checksum`)."""
 
     def __post_init__(self) -> None:
         if not self.converters:
@@ -166,7 +170,9 @@ class AgentConfig:
         if self.drain_timeout < 0:
             raise ConfigError("--drain-timeout", "must be >= 0")
         if self.tfo_no_cookie and not self.tfo:
-            raise ConfigError("--tfo-no-cookie", "contradicts --no-tfo")
+            object.__setattr__(self, "tfo", True)   # asking for no-cookie TFO is asking for TFO
+        if self.dss_checksum is None:
+            object.__setattr__(self, "dss_checksum", not self.tfo)
         if self.socks5 is not None and self.socks5.port == self.listen_port != 0:
             raise ConfigError("--socks5", "same port as --listen-port")
         for endpoint in self.converters:
@@ -321,6 +327,26 @@ class _Conn(Handshaking):
 # The agent
 # --------------------------------------------------------------------------
 
+def agent_needs(config: AgentConfig, status: str | None = None) -> list[Need]:
+    """What the client agent needs from the process, with why (kernel/privileges.py):
+    CAP_NET_ADMIN for its nftables capture table (run by the nft program) and
+    for SO_MARK on its own sockets (which CAP_NET_RAW also allows); and
+    CAP_NET_BIND_SERVICE for listeners below port 1024."""
+    needs = []
+    if config.capture:
+        needs.append(Need("CAP_NET_ADMIN", f"for its nftables capture table, inet "
+                                           f"{config.table}, and SO_MARK on its own sockets",
+                          children=True))
+    elif missing_capabilities(["CAP_NET_ADMIN", "CAP_NET_RAW"], status) == \
+            ["CAP_NET_ADMIN", "CAP_NET_RAW"]:
+        needs.append(Need("CAP_NET_ADMIN", "for SO_MARK on its own sockets, so that "
+                                           "capture tables never take them"))
+    needs += port_needs(config.listen_port, "--listen-port")
+    if config.socks5 is not None:
+        needs += port_needs(config.socks5.port, "--socks5")
+    return needs
+
+
 class ClientAgent(HandshakeServer):
     """Capture + SOCKS5 listeners; each connection carried to a converter over MPTCP."""
 
@@ -360,7 +386,10 @@ class ClientAgent(HandshakeServer):
 
     # -- start and stop -----------------------------------------------------
     def start(self) -> "ClientAgent":
-        """Resolve converters, open listeners, install the capture table (this thread's netns)."""
+        """Resolve converters, open listeners, install the capture table (this thread's netns).
+        What the process needs is checked first (:func:`agent_needs`): nothing
+        changes in a start that cannot succeed."""
+        require("the client agent", agent_needs(self.config))
         self._netns_fd = netns.open_current()
         try:
             self._lock = _namespace_lock(self.config.table)
@@ -400,7 +429,7 @@ class ClientAgent(HandshakeServer):
             raise ConfigError("--converter", "no IPv4 or IPv6 address")
         return found
 
-    def _check_mark(self) -> None:
+    def _check_mark(self) -> None:  # CAP_NET_ADMIN (or CAP_NET_RAW), see agent_needs
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             try:
                 probe.setsockopt(socket.SOL_SOCKET, SO_MARK, self.config.mark)

@@ -18,7 +18,11 @@ Design rules:
   client's remaining bytes are drained until its FIN (or ``CLOSE_LINGER``) so
   that the close is a FIN, not a RST.
 - The close log's reason names the cause: ``socks5-error:7``, ``http-error:405``,
-  ``refused:target-not-allowed``, ``refused:timeout``, ``handshake-timeout``.
+  ``refused:target-not-allowed``, ``refused:timeout``, ``handshake-timeout``;
+  its ``target=`` names the target asked for as soon as the request named one
+  (also when the request was then refused). HTTP refusals say why in a
+  one-line body; refusals the operator can change (private targets, clients,
+  ports) are explained in the log once a minute per kind.
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ from mptcp_proxy.dataplane.reactor import EPOLLIN, Reactor
 from mptcp_proxy.dataplane.resolve import AsyncResolver, Lookup, Resolver, ResolverBusy
 from mptcp_proxy.errors import UpstreamError
 from mptcp_proxy.modes.app_proxy import (
-    AppHandshake, HandshakeError, Refusal, error_reason,
+    HTTP_CONNECT, AppHandshake, HandshakeError, Refusal, error_reason, refusal_why,
 )
 from mptcp_proxy.modes.request import ConnectRequest
 from mptcp_proxy.modes.policy import (
-    ClientPolicy, IPAddress, TargetPolicy, normalize, parse_address,
+    ClientPolicy, IPAddress, TargetPolicy, allow_target_hint, explain_target, normalize,
+    parse_address,
 )
 from mptcp_proxy.server.base import (
     Session, client_error_reason, format_addr, open_listener, server_arguments,
@@ -58,7 +63,7 @@ class _Conn(Handshaking):
     """One client connection between accept and relay (or close)."""
 
     __slots__ = ("handshake", "client", "allowed", "lookup", "connect", "request",
-                 "alternatives")
+                 "alternatives", "address")
 
     def __init__(self, sock: socket.socket, session: Session, handshake: AppHandshake,
                  client: IPAddress, started: float) -> None:
@@ -70,6 +75,7 @@ class _Conn(Handshaking):
         self.connect: PendingConnect | None = None
         self.request: ConnectRequest | None = None
         self.alternatives: list[IPAddress] = []   # a name's other allowed addresses
+        self.address: IPAddress | None = None     # the target address decided on
 
 
 class AppProxyServer(HandshakeServer):
@@ -157,6 +163,9 @@ class AppProxyServer(HandshakeServer):
         except HandshakeError as exc:
             reason = error_reason(self.config.protocol, exc)
             log.debug("conn=%d %s: %s", conn.session.id, reason, exc)
+            requested = conn.handshake.requested
+            if requested is not None and conn.session.target == "-":
+                conn.session.target = _host_port(*requested)   # validated: LDH name or address
             self.close_with(conn, exc.reply, reason)
             return
         if out and not self.send_small(conn, out):
@@ -181,14 +190,18 @@ class AppProxyServer(HandshakeServer):
         session = conn.session
         if request.username is not None:
             session.extra = {"user": request.username}
-        if request.is_domain:
-            session.target = f"{request.host}:{request.port}"
-        else:
-            session.target = format_addr((str(request.host), request.port))
+        session.target = _host_port(request.host, request.port)
         if not conn.allowed:
+            self.hint("client", log,
+                      f"{self.config.protocol}: refused client {conn.client}: "
+                      "not in the client networks this proxy serves; --allow CIDR adds "
+                      "networks (--allow any serves everyone)")
             self._refuse(conn, Refusal.CLIENT_NOT_ALLOWED)
             return
         if request.port not in self.config.allow_ports:
+            self.hint("port", log,
+                      f"{self.config.protocol}: refused target {session.target}: port "
+                      f"{request.port} is not in --allow-port {self.config.allow_ports}")
             self._refuse(conn, Refusal.PORT_NOT_ALLOWED)
             return
         if request.is_domain:
@@ -234,11 +247,20 @@ class AppProxyServer(HandshakeServer):
     def _connect(self, conn: _Conn, address: IPAddress) -> None:
         assert conn.request is not None  # set by _requested
         conn.session.target = format_addr((str(address), conn.request.port))
+        conn.address = address
         decision = self.targets.check(address)
         if not decision.allowed:
             log.debug("conn=%d target %s refused: %s", conn.session.id, address,
                       decision.reason.value)
-            self._refuse(conn, Refusal.TARGET_NOT_ALLOWED)
+            explanation = explain_target(decision, address)
+            label = self._label(conn)
+            advice = allow_target_hint(decision)
+            self.hint(f"target:{decision.reason.value}", log,
+                      f"{self.config.protocol}: refused target {label}, which "
+                      + (f"{explain_target(decision, address, advice=False)}: {advice}"
+                         if advice else explanation))
+            self._refuse(conn, Refusal.TARGET_NOT_ALLOWED,
+                         why=refusal_why(Refusal.TARGET_NOT_ALLOWED, label, explanation))
             return
         assert conn.request is not None  # set by _requested
         conn.state = _CONNECTING
@@ -278,16 +300,39 @@ class AppProxyServer(HandshakeServer):
                          initial_to_upstream=conn.handshake.leftover, reply=reply)
 
     # -- refusing ----------------------------------------------------------------------
-    def _refuse(self, conn: _Conn, refusal: Refusal, reason: str | None = None) -> None:
-        reply, code = conn.handshake.refuse(refusal)
+    def _refuse(self, conn: _Conn, refusal: Refusal, reason: str | None = None,
+                why: str = "") -> None:
+        if not why and self.config.protocol == HTTP_CONNECT:
+            why = refusal_why(refusal, self._label(conn), resolving=conn.state == _RESOLVING)
+        reply, code = conn.handshake.refuse(refusal, why)
         log.debug("conn=%d refused (%s): %d", conn.session.id, refusal.value, code)
         self.close_with(conn, reply, reason or f"refused:{refusal.value}")
+
+    @staticmethod
+    def _label(conn: _Conn) -> str:
+        """The target for people: ``host:port`` as asked, with the address a
+        name resolved to (``example.org:443 (192.0.2.7)``)."""
+        request = conn.request
+        if request is None:
+            return conn.session.target
+        label = _host_port(request.host, request.port)
+        if request.is_domain and conn.address is not None:
+            label += f" ({conn.address})"
+        return label
 
     def cancel_work(self, conn: _Conn) -> None:  # type: ignore[override]
         for handle in (conn.lookup, conn.connect):
             if handle is not None:
                 handle.cancel()
         conn.lookup = conn.connect = None
+
+
+def _host_port(host: object, port: int) -> str:
+    """``host:port`` (``[v6]:port``) of a request's target: an address object or a
+    name the handshake validated (LDH labels), so safe to log and to answer with."""
+    if isinstance(host, str):
+        return f"{host}:{port}"
+    return format_addr((str(host), port))
 
 
 def refusal_for(error: UpstreamError) -> Refusal:

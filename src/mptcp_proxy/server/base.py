@@ -24,6 +24,7 @@ from mptcp_proxy.dataplane.reactor import EPOLLIN, Reactor, Timer
 from mptcp_proxy.dataplane.relay import LINGER_ABORT, Relay, RelayEngine
 from mptcp_proxy.errors import ConfigError, KernelError
 from mptcp_proxy.kernel.checksum import CHECKSUM_SYSCTL, hold_dss_checksum
+from mptcp_proxy.kernel.privileges import bind_denied_hint
 from mptcp_proxy.kernel.sysctl import SharedSysctlBits
 from mptcp_proxy.observe.sockinfo import IPPROTO_MPTCP, is_mptcp, subflows_and_checksum
 
@@ -128,7 +129,14 @@ def open_listener(endpoint: Endpoint, *, mptcp: bool = True, backlog: int = 4096
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise ConfigError(key, f"cannot listen on {endpoint}: {exc.strerror}") from None
+        message = f"cannot listen on {endpoint}: {exc.strerror}"
+        if exc.errno == errno.EACCES:
+            hint = bind_denied_hint(endpoint.port)
+            if hint:
+                message += f" ({hint})"
+        elif exc.errno == errno.EPERM and transparent:
+            message += " (IP_TRANSPARENT needs CAP_NET_ADMIN: run as root)"
+        raise ConfigError(key, message) from None
     sock.setblocking(False)
     return sock
 
@@ -196,9 +204,16 @@ class ProxyServer:
         accept(). Otherwise, with an odd number of fds free, accept() takes
         the last one every time, the upstream socket fails, and each waiting
         client is reset instead of waiting in the backlog."""
-        if not self._accept_paused:
-            log.warning("upstream socket: out of file descriptors; pausing accepts for %.1fs",
-                        ACCEPT_PAUSE)
+        if self._draining:
+            return
+        if self._accept_paused:
+            # Paused at max_connections (no timer): the reject that follows
+            # would resume at once; come back after the pause instead.
+            if self._resume_timer is None:
+                self._resume_timer = self.reactor.call_later(ACCEPT_PAUSE, self._resume_accept)
+            return
+        log.warning("upstream socket: out of file descriptors or memory; pausing accepts "
+                    "for %.1fs", ACCEPT_PAUSE)
         self._pause_accept(ACCEPT_PAUSE)
 
     # -- lifecycle ----------------------------------------------------------
@@ -319,6 +334,8 @@ class ProxyServer:
     # -- accepting ----------------------------------------------------------
     def _on_accept(self, listener: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
+            if self._accept_paused:   # a handler ran out of fds: stop this batch too
+                return
             if self.open_sessions >= self.max_connections:
                 self._pause_accept(None)
                 return
@@ -339,7 +356,7 @@ class ProxyServer:
             try:
                 sock.setblocking(False)
                 # Accepted MPTCP sockets do not inherit it; without it a small write
-                # after a reply waits ~40 ms for a delayed ACK (KERNEL-FACTS.md).
+                # after a reply waits ~40 ms for a delayed ACK (docs/KERNEL-FACTS.md).
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError as exc:  # reset before we saw it
                 log.debug("accepted socket unusable: %s", exc)

@@ -38,14 +38,19 @@ from mptcp_proxy.dataplane.connect import (
 )
 from mptcp_proxy.dataplane.establish import EstablishWatcher
 from mptcp_proxy.dataplane.reactor import EPOLLIN, Reactor
-from mptcp_proxy.errors import KernelError, UpstreamError
-from mptcp_proxy.kernel.sysctl import SharedSysctlBits, read_sysctl
+from mptcp_proxy.errors import KernelError, PrivilegeError, UpstreamError
+from mptcp_proxy.kernel.checksum import checksum_enabled
+from mptcp_proxy.kernel.privileges import can_create_in, can_write_sysctl
+from mptcp_proxy.kernel.sysctl import SHARED_STATE_DIR, SharedSysctlBits, read_sysctl, sysctl_path
 from mptcp_proxy.modes.convert import (
     BARE_START, Action, CloseQuietly, ConvertHandshake, ConvertSettings, CookieAuthority,
     Negotiated, OpenUpstream, ReplyAndClose, StartRelay, TokenBucket, UpstreamFailure,
     UpstreamFailureKind, open_quick, quick_handshake,
 )
-from mptcp_proxy.modes.policy import ClientPolicy, IPAddress, TargetPolicy, normalize, parse_address
+from mptcp_proxy.modes.policy import (
+    ClientPolicy, IPAddress, TargetPolicy, allow_target_hint, explain_target, normalize,
+    parse_address,
+)
 from mptcp_proxy.observe.sockinfo import (
     IPPROTO_MPTCP, TCPI_OPT_SACK, TCPI_OPT_SYN_DATA, TCPI_OPT_TIMESTAMPS, TCPI_OPT_WSCALE,
     TCP_SYN_RECV, SockInfoError, mptcp_info, tcp_options, tcp_state_and_option_bits,
@@ -157,13 +162,17 @@ class ConvertServer(HandshakeServer):
     # -- lifecycle ------------------------------------------------------------
     def start(self, reuseport: bool = False) -> "ConvertServer":
         """Set the sysctls, open the TFO listener, build the policy (in this thread's netns)."""
-        if self.config.dss_checksum and self.config.tfo_queue:
-            # Measured (docs/kernel/dss-corruption.md): 27 of 1,000 0-RTT
-            # uploads through this converter arrived wrong with checksums on
-            # (their first bytes replaced), 0 of 1,000 with them off.
-            log.warning("convert: DSS checksums with TCP Fast Open: on Linux 6.18 some "
-                        "multipath uploads of 0-RTT connections arrive wrong with them "
-                        "(README, 'Data integrity'); consider --dss-checksum off")
+        if self.config.tfo_queue and (self.config.dss_checksum or checksum_enabled()):
+            # Measured (README, "Data integrity"): 27 of 1,000 0-RTT uploads
+            # through this converter arrived wrong with checksums on (their
+            # first bytes replaced), 1 of 2,000 with them off.
+            log.warning("convert: DSS checksums are %s in this namespace: with TCP Fast Open, "
+                        "on Linux 6.18 some multipath uploads of 0-RTT connections arrive "
+                        "wrong with them (README, 'Data integrity')",
+                        "asked for" if self.config.dss_checksum else "on (set by another "
+                        "process or the administrator)")
+        if self.config.manage_sysctls:
+            check_tfo_sysctl_rights(tfo_sysctl_bits(self.config))
         try:
             self.hold_kernel_state()
             if self.config.manage_sysctls:
@@ -187,7 +196,7 @@ class ConvertServer(HandshakeServer):
     def _hold_tfo_bits(self, bits: int) -> None:
         if bits:
             holder = SharedSysctlBits(TFO_SYSCTL, bits)
-            holder.acquire()
+            acquire_tfo_bits(holder)
             self.sysctls.append(holder)
             if holder.recovered:
                 log.warning("%s: restored what a converter that died left set", TFO_SYSCTL)
@@ -347,6 +356,8 @@ class ConvertServer(HandshakeServer):
         elif isinstance(action, ReplyAndClose):
             if action.detail:
                 log.debug("conn=%d %s: %s", p.session.id, action.reason, action.detail)
+            if action.code is not None:
+                self._refused(p, action)
             self._reply_and_close(p, action.reply, action)
         elif isinstance(action, CloseQuietly):
             self._reply_and_close(p, b"", action)
@@ -414,6 +425,29 @@ class ConvertServer(HandshakeServer):
         self.start_relay(p.sock, result, p.session, initial_to_upstream=rest,
                          reply=action.reply, sent_up=result.early_sent)
 
+    def _refused(self, p: _Pending, action: ReplyAndClose) -> None:
+        """A refusal: the log line names the target the Connect asked for (not
+        ``-``), and a refusal the operator can change is explained, once a minute."""
+        handshake = p.handshake
+        connect = handshake.connect if handshake is not None else None
+        session = p.session
+        if connect is not None and session.target == "-":
+            session.target = upstream_target(connect.address, connect.port)[2]
+        if action.reason == "client-not-allowed":
+            self.hint("client", log, f"convert: refused client {p.client} (Error 32): not "
+                                     "in the client networks this converter serves; --allow "
+                                     "CIDR adds networks (--allow any serves everyone)")
+            return
+        decision = handshake.target if handshake is not None else None
+        if decision is None or decision.allowed:
+            return
+        advice = allow_target_hint(decision)
+        explanation = explain_target(decision, connect.address if connect else None,
+                                     advice=False)
+        self.hint(f"target:{decision.reason.value}", log,
+                  f"convert: refused target {session.target} (Error {int(action.code or 0)}), "
+                  f"which {explanation}" + (f": {advice}" if advice else ""))
+
     def _reply_and_close(self, p: _Pending, reply: bytes,
                          action: ReplyAndClose | CloseQuietly) -> None:
         code = getattr(action, "code", None)
@@ -464,6 +498,46 @@ def tfo_sysctl_bits(config: ConvertConfig) -> int:
     if config.upstream_tfo:
         bits |= TFO_CLIENT_ENABLE
     return bits
+
+
+def _tfo_value(bits: int) -> int:
+    """What net.ipv4.tcp_fastopen should be for ``bits``: the current value with them."""
+    try:
+        return int(read_sysctl(TFO_SYSCTL)) | bits
+    except (KernelError, ValueError):
+        return bits | TFO_CLIENT_ENABLE | TFO_SERVER_ENABLE
+
+
+def tfo_advice(bits: int) -> str:
+    """What to do when the converter may not manage the TFO sysctl itself."""
+    return (f"run as root, or set {TFO_SYSCTL}={_tfo_value(bits)} yourself and pass "
+            "--no-sysctl")
+
+
+def check_tfo_sysctl_rights(bits: int) -> None:
+    """Before anything changes: :class:`PrivilegeError` (one line: what is missing,
+    why, what to do) unless this process may set ``bits`` of net.ipv4.tcp_fastopen
+    and record itself as their user (kernel/sysctl.py, SharedSysctlBits)."""
+    if not bits:
+        return
+    lacks = []
+    if not can_write_sysctl(sysctl_path(TFO_SYSCTL)):
+        lacks.append(f"CAP_NET_ADMIN (to write {TFO_SYSCTL})")
+    if not can_create_in(SHARED_STATE_DIR):
+        lacks.append(f"CAP_DAC_OVERRIDE (to record the sysctl's users in {SHARED_STATE_DIR})")
+    if lacks:
+        raise PrivilegeError(
+            f"convert sets bits {bits:#x} of {TFO_SYSCTL} (TCP Fast Open: the Convert "
+            f"request rides in the SYN) and needs {' and '.join(lacks)}: "
+            f"{tfo_advice(bits)}; nothing was changed")
+
+
+def acquire_tfo_bits(holder: SharedSysctlBits) -> None:
+    """``holder.acquire()``, its failure saying what to do about it."""
+    try:
+        holder.acquire()
+    except KernelError as exc:
+        raise KernelError(f"{exc}: {tfo_advice(holder.bits)}", exc.errno) from None
 
 
 def _remember(memo: dict, key: object, value: object) -> None:

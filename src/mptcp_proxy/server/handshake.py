@@ -24,6 +24,7 @@ from mptcp_proxy.observe.addresses import local_addresses
 from mptcp_proxy.server.base import ProxyServer, Session, client_error_reason, drain_until_eof
 
 ADDRESS_REFRESH = 30.0        # seconds between re-reads of the proxy's own addresses
+HINT_INTERVAL = 60.0          # seconds between two hints of one kind to the operator
 CLOSE_LINGER = 2.0            # seconds to wait for the client's FIN after a reply
 DRAIN_READS = 16              # reads per event while draining a refused client
 READ_SIZE = 4096
@@ -64,6 +65,20 @@ class HandshakeServer(ProxyServer):
         self.pending: dict[int, Handshaking] = {}
         self.pending_by_client: dict[object, int] = {}
         self._refresh_timer: Timer | None = None
+        self._hinted: dict[str, float] = {}
+
+    # -- advice for the operator -------------------------------------------------------
+    def hint(self, kind: str, logger: logging.Logger, message: str) -> bool:
+        """Log ``message`` (INFO, beside the connection lines) unless a hint of
+        ``kind`` was logged less than ``HINT_INTERVAL`` seconds ago: a refusal
+        the operator can fix is explained once, not once per connection."""
+        now = self.reactor.now
+        last = self._hinted.get(kind)
+        if last is not None and now - last < HINT_INTERVAL:
+            return False
+        self._hinted[kind] = now
+        logger.info("%s (said at most once a minute)", message)
+        return True
 
     # -- to be provided by modes ----------------------------------------------------
     def on_handshake_event(self, conn: Handshaking, events: int) -> None:

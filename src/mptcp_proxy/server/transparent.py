@@ -31,12 +31,13 @@ import socket
 import threading
 from dataclasses import dataclass, field
 
-from mptcp_proxy.config import Endpoint, ServerSettings
+from mptcp_proxy.config import Endpoint, ServerSettings, reject_url
 from mptcp_proxy.dataplane.connect import ConnectResult, Connector
 from mptcp_proxy.dataplane.reactor import Reactor
 from mptcp_proxy.errors import ConfigError, KernelError
 from mptcp_proxy.kernel import netns, pm
 from mptcp_proxy.kernel.nft import NftTable, nft, nft_cmd, table_exists
+from mptcp_proxy.kernel.privileges import Need, port_needs, require
 from mptcp_proxy.kernel.routing import TproxyRoute, TproxyRouting
 from mptcp_proxy.kernel.sysctl import SysctlChanges, read_sysctl, write_sysctl
 from mptcp_proxy.modes.transparent import (
@@ -57,6 +58,7 @@ from mptcp_proxy.modes.transparent import (
 from mptcp_proxy.modes.policy import (
     IPNetwork, TargetPolicy, normalize, parse_address, parse_networks,
 )
+from mptcp_proxy.observe.addresses import local_addresses
 from mptcp_proxy.server.base import ProxyServer, Session, format_addr, open_listener, server_arguments
 
 log = logging.getLogger("mptcp_proxy.transparent")
@@ -78,6 +80,7 @@ class Announce:
     def parse(cls, text: str, key: str = "--announce") -> "Announce":
         """``ADDR``, ``ADDR:PORT``, ``[V6]`` or ``[V6]:PORT``; addresses are literals."""
         text = text.strip()
+        reject_url(text, key)
         host, port = text, DEFAULT_ANNOUNCE_PORT
         if text.startswith("["):
             host, sep, rest = text[1:].partition("]")
@@ -151,6 +154,53 @@ class TransparentConfig(ServerSettings):
             if a.port == self.tproxy_port:
                 raise ConfigError("--announce", f"port {a.port} is the interception "
                                   "listener's; announce another one")
+
+
+# --------------------------------------------------------------------------
+# Before anything changes: privileges, announced addresses
+# --------------------------------------------------------------------------
+
+NET_ADMIN_WHY = ("for its nftables table, policy routing, MPTCP path-manager endpoints, "
+                 "the C-bit sysctl and its IP_TRANSPARENT listener")
+MAX_ADDRESSES_LISTED = 6
+
+
+def transparent_needs(config: TransparentConfig) -> list[Need]:
+    """What ``transparent`` needs from the process, with why (kernel/privileges.py)."""
+    return [Need("CAP_NET_ADMIN", NET_ADMIN_WHY, children=True),
+            *port_needs(config.tproxy_port, "--tproxy-port")]
+
+
+def check_announce_addresses(announce: tuple["Announce", ...]) -> None:
+    """ConfigError unless every announced address is one of this namespace's
+    own: clients open their extra subflows *to* it, and the kernel opens its
+    listener for them there (else ``create listen socket error: -99``)."""
+    if not announce:
+        return
+    # The namespace's addresses (/proc: IPv4 local routes, IPv6 addresses, those
+    # still in DAD too), not a bind() probe: a namespace without addresses has
+    # no local table yet, and binding any address there succeeds.
+    own = local_addresses()[0]
+    for entry in announce:
+        if normalize(parse_address(entry.address)) in own:
+            continue
+        mine = sorted((a for a in own if not (a.is_loopback or a.is_link_local)),
+                      key=lambda a: (a.version, a))
+        listed = ", ".join(str(a) for a in mine[:MAX_ADDRESSES_LISTED])
+        if len(mine) > MAX_ADDRESSES_LISTED:
+            listed += ", ..."
+        raise ConfigError("--announce", f"{entry.address} is not an address of this host: "
+                          "announce one of the proxy host's own addresses, the one the "
+                          "clients' other paths reach it at (they join it there)"
+                          + (f"; this host has {listed}" if listed
+                             else "; this host has no address to announce"))
+
+
+def preflight(config: TransparentConfig) -> None:
+    """Everything checked before the first change to the kernel: the process's
+    privileges (one line naming what is missing) and the announced addresses."""
+    require("transparent", transparent_needs(config))
+    check_announce_addresses(config.announce)
 
 
 # --------------------------------------------------------------------------
@@ -297,7 +347,10 @@ class TransparentServer(ProxyServer):
 
         Runs in the calling thread's network namespace; everything is undone
         there by :meth:`release_kernel` (also when this raises half-way).
+        Privileges and announced addresses are checked first (:func:`preflight`):
+        a start that cannot succeed changes nothing.
         """
+        preflight(self.config)
         self._netns_fd = netns.open_current()
         try:
             self._lock = _namespace_lock()
