@@ -40,7 +40,6 @@ import statistics
 import struct
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -49,6 +48,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from mptcp_proxy.lab import Lab, PathSpec  # noqa: E402
+from mptcp_proxy.lab.traffic import serve_each  # noqa: E402
 from relay import CLI, Procs, begin_run, print_footer, run_meta, wait_listening  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench-results"
@@ -72,15 +72,7 @@ class Sender:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("0.0.0.0", port))
         self.sock.listen(16)
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._send, args=(conn,), daemon=True).start()
+        serve_each(self.sock, self._send)
 
     def _send(self, conn: socket.socket) -> None:
         with conn:

@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from mptcp_proxy.convert_client import open_connection  # noqa: E402
 from mptcp_proxy.lab import Lab, PathSpec  # noqa: E402
-from mptcp_proxy.lab.traffic import set_client_subflows  # noqa: E402
+from mptcp_proxy.lab.traffic import serve_each, set_client_subflows  # noqa: E402
 from mptcp_proxy.observe.sockinfo import is_mptcp, mptcp_info  # noqa: E402
 from relay import (  # noqa: E402
     CLI, BenchError, Procs, begin_run, print_footer, progress, run_meta, wait_listening,
@@ -135,16 +135,7 @@ class HashServer:
         self.sock.bind(("0.0.0.0", SERVER_PORT))
         self.sock.listen(256)
         self.addr = (lab.server_addr, SERVER_PORT)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        serve_each(self.sock, self._handle)
 
     def _handle(self, conn: socket.socket) -> None:
         with conn:

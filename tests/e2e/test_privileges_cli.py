@@ -13,13 +13,13 @@ import shutil
 import signal
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from mptcp_proxy.kernel.sysctl import SHARED_STATE_DIR
 from mptcp_proxy.lab import netns
+from tests.support.bare_ns import bare_namespace
 from tests.support.proc import CLI
 
 pytestmark = [
@@ -35,13 +35,8 @@ SYSCTLS = ("net.ipv4.tcp_fastopen", "net.mptcp.allow_join_initial_addr_port",
 
 @pytest.fixture
 def ns():
-    name = f"mpx-priv-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-    try:
+    with bare_namespace("priv") as name:
         yield name
-    finally:
-        netns.delete([name])
 
 
 def run(ns: str, *args: str, user: list[str] = NOBODY, timeout: float = 20

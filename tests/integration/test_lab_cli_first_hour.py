@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.proc import gone
+
 from mptcp_proxy.lab import Lab, netns, remove_lab
 from mptcp_proxy.lab import topology
 from mptcp_proxy.cli import lab_cmd
@@ -73,14 +75,6 @@ def lab_up():
     finally:
         for name in names:
             remove_lab(name)
-
-
-def gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:

@@ -14,11 +14,9 @@ import errno
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import pytest
 
@@ -26,13 +24,14 @@ from mptcp_proxy.config import RelayConfig
 from mptcp_proxy.errors import KernelError
 from mptcp_proxy.kernel import pm
 from mptcp_proxy.kernel.routing import RT_PROTO, TproxyRoute, TproxyRouting, tagged_rules
-from mptcp_proxy.lab import Lab, Node, PathSpec, netns
+from mptcp_proxy.lab import Lab, Node, PathSpec
 from mptcp_proxy.lab.traffic import SinkServer, timed_upload
 from mptcp_proxy.modes.policy import parse_networks
 from mptcp_proxy.modes.transparent import BYPASS_SET4, BYPASS_SET6, TABLE_NAME, PortSet
 from mptcp_proxy.server.transparent import (
     Announce, TransparentConfig, TransparentServer, read_restore_record,
 )
+from tests.support.bare_ns import bare_namespace
 from tests.support.servers import HashServer, ProxyRunner
 from tests.support.traffic import connect, payload, recv_until_eof, send_all_and_shut, sha256
 
@@ -392,13 +391,8 @@ def set_default_path(lab: Lab, index: int) -> None:
 
 @pytest.fixture
 def ns():
-    name = f"mpx-tp-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-    try:
+    with bare_namespace("tp") as name:
         yield Node("proxy", name)
-    finally:
-        netns.delete([name])
 
 
 DIE_AFTER_START = """

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.proc import gone
+
 from mptcp_proxy.cli import demo_cmd, lab_cmd
 from mptcp_proxy.errors import ConfigError, LabError
 from mptcp_proxy.lab import Lab, PathSpec, child, netns, plan_lab
@@ -163,15 +165,6 @@ def _wait_file(path: Path, proc: subprocess.Popen, timeout: float = 10.0) -> str
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.01)
     return path.read_text()
-
-
-def gone(pid: int) -> bool:
-    """Not running: no such process, or a zombie waiting for its reaper."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
