@@ -142,8 +142,11 @@ def test_signalling_lets_the_client_join_the_proxy_over_wifi(oplab):
     try:
         # Off: the C bit is set and nothing is announced, so the connection
         # keeps to the path it started on.
-        # Both measurements with --dss-checksum on (its sysctl is checked below).
-        proxy = start_proxy(lab.proxy, dss_checksum=True)
+        # Aggregation is measured without DSS checksums: with them the two paths
+        # carried 1.55-1.88x one path instead of 1.89-1.98x (README, "Data
+        # integrity"), too close to this test's bound. The default's checksums
+        # are checked by test_the_default_checksums_the_client_leg.
+        proxy = start_proxy(lab.proxy, dss_checksum=False)
         runners.append(proxy)
         counters = mptcp_counters(lab.proxy)
         one = timed_upload(lab, (lab.server_addr, PORT), SECONDS, seed=1)
@@ -156,11 +159,9 @@ def test_signalling_lets_the_client_join_the_proxy_over_wifi(oplab):
 
         # On: the proxy announces its public address with a port; the client
         # joins it over path 1 and the transfer uses both paths.
-        # Held while it runs, undone at the end (oplab).
         proxy = start_proxy(lab.proxy, announce=(Announce(lab.proxy_public_addr),),
-                            dss_checksum=True)
+                            dss_checksum=False)
         runners.append(proxy)
-        assert lab.proxy.sysctl("net.mptcp.checksum_enabled") == "1"
         counters = mptcp_counters(lab.proxy)
         client_counters = mptcp_counters(lab.client)
         # Longer: the join waits for the ADD_ADDR, so the first ~0.5 s has one path.
@@ -180,11 +181,30 @@ def test_signalling_lets_the_client_join_the_proxy_over_wifi(oplab):
     assert on.get("AddAddrTx", 0) >= 1 and client_on.get("AddAddr", 0) >= 1, (on, client_on)
     assert on.get("MPJoinSynRx", 0) >= 1 and on.get("MPJoinPortSynRx", 0) >= 1, on
     assert on.get("MismatchPortSynRx", 0) == 0, on
-    assert session.client_subflows >= 2 and session.client_csum is True
+    assert session.client_subflows >= 2 and session.client_csum is False
     assert session.side(session.upstream_mptcp, session.upstream_requested_mptcp) == "fallback"
     assert session.target == f"{lab.server_addr}:{PORT}"
     print(f"\ntransparent: one path {one.mbit:.1f} Mbit/s, signalled {both.mbit:.1f} Mbit/s "
           f"({both.mbit / one.mbit:.2f}x); subflows {both.subflow_bytes}; proxy {on}")
+
+
+def test_the_default_checksums_the_client_leg(oplab):
+    """--dss-checksum on by default: held while the proxy runs (undone at the
+    end: oplab compares the namespace), the intercepted leg checksummed."""
+    lab, runners = oplab
+    server = echo_server(lab.server, lab.server_addr, mptcp=False, reply=b"r" * 1000)
+    try:
+        proxy = start_proxy(lab.proxy)
+        runners.append(proxy)
+        assert lab.proxy.sysctl("net.mptcp.checksum_enabled") == "1"
+        data = payload(300_000, 7)
+        assert exchange(lab.client, (lab.server_addr, PORT), seed=7, size=len(data)) == \
+            (sha256(b"r" * 1000), 1000)
+        session = proxy.wait_closed(1)[0].session
+    finally:
+        server.close()
+    assert session.client_mptcp and session.client_csum is True
+    assert server.received[-1] == (sha256(data), len(data))
 
 
 def test_ipv6_is_intercepted_and_signalled(oplab):
