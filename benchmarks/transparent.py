@@ -113,9 +113,10 @@ class TimedSink:
         self.sock.close()
 
 
-def start_proxy(lab: Lab) -> subprocess.Popen:
+def start_proxy(lab: Lab, dss_checksum: str = "on") -> subprocess.Popen:
     argv = ["ip", "netns", "exec", lab.proxy.ns, CLI, "transparent",
-            "--ports", str(PROXIED_PORT), "--announce", lab.proxy_public_addr, "--no-conn-log"]
+            "--ports", str(PROXIED_PORT), "--announce", lab.proxy_public_addr, "--no-conn-log",
+            "--dss-checksum", dss_checksum]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 15
     lines = []
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> dict:
     with Lab.create([PathSpec(rate_mbit=r) for r in rates], topology="operator") as lab:
         tcp_sink = TimedSink(lab.server, lab.server_addr, PROXIED_PORT, mptcp=False)
         mp_sink = TimedSink(lab.mpserver, lab.mpserver_addr, DIRECT_PORT, mptcp=True)
-        proxy = start_proxy(lab)
+        proxy = start_proxy(lab, args.dss_checksum)
         try:
             for i in range(args.repeat):
                 before = mptcp_counters(lab.proxy)
@@ -194,6 +195,7 @@ def run(args: argparse.Namespace) -> dict:
     med = {k: statistics.median(v) for k, v in results.items()}
     return {
         "lab": lab_name, "rates_mbit": rates, "seconds": args.seconds, "repeat": args.repeat,
+        "dss_checksum": args.dss_checksum,
         "runs_mbit": results, "median_mbit": med,
         "proxied_vs_path_sum": med["proxied"] / path_sum,
         "proxied_vs_direct": med["proxied"] / med["direct"] if med["direct"] else None,
@@ -217,6 +219,8 @@ def main() -> int:
                     help="rates of path 0 (cellular) and path 1 (Wi-Fi), Mbit/s (default 20 20)")
     ap.add_argument("--seconds", type=float, default=8.0, help="per transfer (default 8)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per scenario (default 3)")
+    ap.add_argument("--dss-checksum", choices=("on", "off"), default="on",
+                    help="the proxy's --dss-checksum (default on, the mode's default)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("transparent.py needs root (network namespaces)", file=sys.stderr)
