@@ -67,7 +67,10 @@ class Endpoint:
         if default_port is not None and text:
             if text.startswith("[") and text.endswith("]"):
                 return cls(text[1:-1], default_port)
-            if ":" not in text or is_ip_literal(text):  # a name, IPv4, or a bare IPv6
+            # A name, IPv4 or "::" alone. Other bare IPv6 addresses are refused
+            # below as before ("IPv6 addresses need brackets"): in "::1080" or
+            # "2001:db8::1:80" the last group could be meant as the port.
+            if ":" not in text or text == "::":
                 return cls(text, default_port)
         if text.startswith("["):
             host, sep, rest = text[1:].partition("]")

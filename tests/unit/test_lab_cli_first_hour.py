@@ -1,36 +1,28 @@
 """The lab and demo commands a new user meets first: no root needed here.
 
-- ``lab exec``: a bare ``mptcp-proxy`` runs with our interpreter, the child
-  dies with us (even by SIGKILL) and gets the signals sent to us, once;
+- ``lab exec``: a bare ``mptcp-proxy`` runs with our interpreter, and
+  ``lab exec`` becomes its command (``ip netns exec`` execs it): one process;
 - ``lab show`` prints what ``lab up`` printed; ``lab up`` tells the
   ``--allow-target`` options the explicit proxies need for the lab;
 - ``lab down --grace``; ``up``/``down``/``exec``/``demo`` refuse to start
   without privileges, with one line, before doing anything;
 - ``demo --seconds`` has a floor.
-
-The signal tests run :func:`run_tied` around plain processes (no namespace),
-in a stand-in for ``lab exec``: a Python process of its own.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import ipaddress
 import json
 import math
 import os
-import pty
 import signal
-import subprocess
 import sys
-import termios
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.support.proc import gone
 
 from mptcp_proxy.cli import demo_cmd, lab_cmd
 from mptcp_proxy.errors import ConfigError, LabError
@@ -97,207 +89,30 @@ def test_the_child_path_does_not_repeat_directories():
     assert env["PATH"].split(os.pathsep)[0] == bindir
 
 
-@pytest.mark.parametrize("returncode, status", [(0, 0), (3, 3), (-15, 143), (-9, 137)])
-def test_exit_status_follows_the_shell(returncode, status):
-    assert child.exit_status(returncode) == status
-
-
-def _siginfo(signo: int, code: int, pid: int) -> signal.struct_siginfo:
-    return signal.struct_siginfo((signo, code, 0, pid, 0, 0, 0))
-
-
-def test_signals_from_the_terminal_are_not_sent_twice():
-    assert not child.should_forward(_siginfo(signal.SIGINT, child.SI_KERNEL, 0), 1234)
-    assert child.should_forward(_siginfo(signal.SIGINT, 0, 999), 1234)       # kill(1)
-    assert child.should_forward(_siginfo(signal.SIGTERM, -1, 999), 1234)     # sigqueue
-    assert not child.should_forward(_siginfo(signal.SIGTERM, 0, 1234), 1234)  # the child
-
-
-# A stand-in for `lab exec`: run_tied around a plain Popen, in a process of its own.
-STANDIN = ("import subprocess, sys\n"
-           "from mptcp_proxy.lab.child import run_tied\n"
-           "sys.exit(run_tied(subprocess.Popen, sys.argv[1:]))\n")
-
-# The child: writes its pid, logs every INT/TERM/HUP it gets, then waits 0.3 s
-# more (a second copy of a signal would arrive meanwhile) and exits 10 + count.
-# Optional: how long to wait for a first signal (default 30 s), and "alone" to
-# leave the terminal's foreground process group first.
-COUNTER = """
-import os, signal, sys, time
-log = sys.argv[1]
-patience = float(sys.argv[2]) if len(sys.argv) > 2 else 30.0
-if sys.argv[3:] == ["alone"]:
-    os.setpgid(0, 0)
-got = []
-def on(signum, frame):
-    got.append(signum)
-    with open(log, "a") as f:
-        f.write(f"{signum}\\n")
-for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-    signal.signal(s, on)
-with open(log + ".pid.tmp", "w") as f:
-    f.write(str(os.getpid()))
-os.replace(log + ".pid.tmp", log + ".pid")
-deadline = time.monotonic() + patience
-while not got and time.monotonic() < deadline:
-    time.sleep(0.01)
-time.sleep(0.3)
-sys.exit(10 + len(got))
-"""
-
-SLEEPER = """
-import os, sys, time
-with open(sys.argv[1] + ".tmp", "w") as f:
-    f.write(str(os.getpid()))
-os.replace(sys.argv[1] + ".tmp", sys.argv[1])
-time.sleep(1000)
-"""
-
-
-def _standin(argv: list[str], **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", STANDIN, *argv], **kwargs)
-
-
-def _wait_file(path: Path, proc: subprocess.Popen, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"stand-in exited {proc.returncode}"
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.01)
-    return path.read_text()
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not gone(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def _kill_quietly(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def test_the_child_dies_when_lab_exec_is_killed(tmp_path):
-    pidfile = tmp_path / "child.pid"
-    standin = _standin([sys.executable, "-c", SLEEPER, str(pidfile)])
-    pid = None
-    try:
-        pid = int(_wait_file(pidfile, standin))
-        standin.kill()  # SIGKILL: no handler of ours runs
-        standin.wait(5)
-        assert _wait_gone(pid, 1.0), "the child outlived a SIGKILLed lab exec"
-    finally:
-        standin.kill()
-        standin.wait(5)
-        if pid is not None:
-            _kill_quietly(pid)
-
-
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_signals_sent_to_lab_exec_reach_the_child_once(tmp_path, signum):
-    log = tmp_path / "signals"
-    standin = _standin([sys.executable, "-c", COUNTER, str(log)])
-    try:
-        pid = int(_wait_file(Path(f"{log}.pid"), standin))
-        standin.send_signal(signum)
-        assert standin.wait(10) == 11            # the child's status: one signal
-        assert log.read_text().split() == [str(int(signum))]
-        assert gone(pid)
-    finally:
-        standin.kill()
-        standin.wait(5)
-
-
-def test_a_child_killed_by_a_signal_gives_128_plus_it(tmp_path):
-    standin = _standin(["sh", "-c", "kill -TERM $$"])
-    assert standin.wait(10) == 128 + signal.SIGTERM
-
-
-def test_exit_status_and_arguments_pass_through():
-    proc = _standin(["sh", "-c", "exit 7"])
-    assert proc.wait(10) == 7
-
-
-def _ctrl_c(log: Path, *child_args: str) -> int:
-    """Run the stand-in on a terminal of its own, type ^C there; its exit status."""
-    master, slave = pty.openpty()
-
-    def controlling_tty() -> None:
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-    standin = _standin([sys.executable, "-c", COUNTER, str(log), *child_args], stdin=slave,
-                       stdout=slave, stderr=slave, start_new_session=True,
-                       preexec_fn=controlling_tty)
-    os.close(slave)
-    try:
-        _wait_file(Path(f"{log}.pid"), standin)
-        time.sleep(0.05)  # past the child's setpgid
-        os.write(master, termios.tcgetattr(master)[6][termios.VINTR])  # ^C
-        return standin.wait(10)
-    finally:
-        standin.kill()
-        standin.wait(5)
-        os.close(master)
-
-
-def test_ctrl_c_reaches_the_child_once(tmp_path):
-    """The terminal sends SIGINT to both: a proxy takes a second one as 'no drain'."""
-    log = tmp_path / "signals"
-    assert _ctrl_c(log) == 11
-    assert log.read_text().split() == [str(int(signal.SIGINT))]
-
-
-def test_ctrl_c_is_not_passed_on(tmp_path):
-    """Deterministic: a child outside the foreground group gets no copy from us.
-
-    (Where both get it, a second copy may merge with the first in the kernel,
-    so the test above cannot always tell.)
-    """
-    log = tmp_path / "signals"
-    assert _ctrl_c(log, "1.0", "alone") == 10
-    assert not log.exists()
-
-
-def test_run_tied_leaves_the_signal_mask_as_it_found_it():
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
-    assert child.run_tied(subprocess.Popen, ["true"]) == 0
-    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
-
-
-def test_the_child_does_not_inherit_our_blocked_signals():
-    out = subprocess.run(
-        [sys.executable, "-c", "import subprocess, sys\n"
-         "from mptcp_proxy.lab.child import run_tied\n"
-         "sys.exit(run_tied(subprocess.Popen, ['grep', '^SigBlk', '/proc/self/status']))"],
-        capture_output=True, text=True, timeout=10)
-    assert out.returncode == 0
-    assert int(out.stdout.split()[1], 16) == 0
-
-
-def test_lab_exec_runs_its_command_tied_to_it(monkeypatch, parser):
+def test_lab_exec_becomes_its_command(monkeypatch, parser):
+    """No parent left to outlive or to forward signals: ``ip netns exec``
+    (which execs the command in turn) replaces ``lab exec``."""
     calls = []
+
+    def fake_exec(file, argv, env):
+        calls.append((file, argv, env))
+        raise SystemExit(0)
 
     class FakeLab:
         def node(self, role):
-            return argparse.Namespace(popen=lambda argv, **kw: calls.append((role, argv, kw))
-                                      or subprocess.Popen(["true"]))
+            return argparse.Namespace(ns=f"mpx-x-{role[0]}")
 
     monkeypatch.setattr(netns, "effective_capabilities", lambda: ~0)
     monkeypatch.setattr(lab_cmd.Lab, "attach", staticmethod(lambda name: FakeLab()))
+    monkeypatch.setattr(os, "execvpe", fake_exec)
     args = parser.parse_args(["lab", "exec", "x", "proxy", "--", "mptcp-proxy", "--version"])
-    assert args.func(args) == 0
-    (role, argv, kw), = calls
-    assert role == "proxy"
-    assert argv == [sys.executable, "-m", "mptcp_proxy", "--version"]
-    assert kw["env"]["PATH"].split(os.pathsep)[0] == os.path.dirname(
-        os.path.abspath(sys.executable))
-    assert callable(kw["preexec_fn"])
+    with pytest.raises(SystemExit):
+        args.func(args)
+    (file, argv, env), = calls
+    assert file == "ip"
+    assert argv == ["ip", "netns", "exec", "mpx-x-p", sys.executable, "-m", "mptcp_proxy",
+                    "--version"]
+    assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(os.path.abspath(sys.executable))
 
 
 # --------------------------------------------------------------------------
@@ -418,12 +233,16 @@ def test_down_terminates_every_lab_together_then_removes_them(monkeypatch, parse
     monkeypatch.setattr(lab_cmd, "list_labs", lambda: ["mpx-a", "mpx-b"])
     monkeypatch.setattr(netns, "exists", lambda ns: ns.endswith(("-c", "-p", "-s")))
     monkeypatch.setattr(netns, "terminate_processes",
-                        lambda nss, grace: events.append(("term", sorted(nss), grace)) or [])
+                        lambda nss, grace, spare: events.append(
+                            ("term", sorted(nss), grace, spare)) or [])
     monkeypatch.setattr(lab_cmd, "remove_lab", lambda name: events.append(("remove", name)))
+    # Lab a has a delay emulator: it is spared the SIGTERM (its paths carry the drain).
+    monkeypatch.setattr(lab_cmd.Lab, "attach", staticmethod(
+        lambda name: argparse.Namespace(impair_pid=4321 if name == "mpx-a" else None)))
     args = parser.parse_args(["lab", "down", "a", "mpx-b", "--grace", "2.5"])
     assert args.func(args) == 0
     assert events == [
-        ("term", sorted(f"mpx-{n}-{r}" for n in "ab" for r in "cps"), 2.5),
+        ("term", sorted(f"mpx-{n}-{r}" for n in "ab" for r in "cps"), 2.5, [4321]),
         ("remove", "mpx-a"), ("remove", "mpx-b")]
 
 

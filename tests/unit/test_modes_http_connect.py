@@ -385,3 +385,11 @@ def test_passwords_keep_their_spaces():
     creds = Credentials.parse("alice: spaced out \n  # comment\n")
     assert creds.check("alice", " spaced out ")
     assert not creds.check("alice", "spaced out")
+
+
+@pytest.mark.parametrize("authority", ["[2606:4700::5%1]:443", "[fe80::1%eth0]:80",
+                                       "[fd00::1%\x1b[31mX]:80"])
+def test_ipv6_zone_ids_are_refused(authority):
+    """A zone id would slip past the own-address check and into the logs."""
+    with pytest.raises(ValueError, match="zone"):
+        parse_authority(authority)

@@ -248,3 +248,9 @@ def test_normalize_and_parse_address():
     assert normalize(ip("::ffff:1.2.3.4")) == ip("1.2.3.4")
     assert normalize(ip("::1")) == ip("::1")
     assert parse_address("fe80::1%path0") == ip("fe80::1")
+
+
+def test_a_zone_id_does_not_hide_the_proxys_own_address():
+    from mptcp_proxy.modes.policy import TargetPolicy, TargetReason
+    policy = TargetPolicy((), ()).with_local([ipaddress.ip_address("2606:4700::5")], [])
+    assert policy.check(ipaddress.IPv6Address("2606:4700::5%1")).reason is TargetReason.OWN_ADDRESS

@@ -197,6 +197,12 @@ def test_a_listen_address_without_port_gets_the_default(text, expected):
     assert Endpoint.parse(text, "--listen", default_host="0.0.0.0", default_port=3128) == expected
 
 
+@pytest.mark.parametrize("text", ["::1080", "2001:db8::1:80"])
+def test_a_bare_ipv6_address_that_may_hide_a_port_still_needs_brackets(text):
+    with pytest.raises(ConfigError, match="brackets"):
+        Endpoint.parse(text, "--listen", default_host="0.0.0.0", default_port=3128)
+
+
 def test_each_application_proxy_listens_on_its_protocols_port():
     parser = argparse.ArgumentParser(prog="mptcp-proxy")
     app_proxy_cmd.register(parser.add_subparsers(dest="command"))

@@ -13,11 +13,12 @@ import argparse
 import json
 import math
 import os
+import sys
 
 from mptcp_proxy.config import parse_on_off
 from mptcp_proxy.errors import ConfigError, LabError
 from mptcp_proxy.lab import Lab, PathSpec, list_labs, remove_lab
-from mptcp_proxy.lab.child import run_tied
+from mptcp_proxy.lab.child import exec_in
 from mptcp_proxy.lab.topology import (
     ALL_ROLES,
     LAB_PREFIX,
@@ -212,6 +213,19 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _emulators(names: list[str]) -> list[int]:
+    """The delay emulators of labs ``names``: they stop last (with the lab)."""
+    pids = []
+    for name in names:
+        try:
+            pid = Lab.attach(name).impair_pid
+        except LabError:
+            continue
+        if pid:
+            pids.append(pid)
+    return pids
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.grace) and args.grace >= 0):
         raise ConfigError("--grace", f"must be 0 or more seconds, not {args.grace:g}")
@@ -228,7 +242,8 @@ def cmd_down(args: argparse.Namespace) -> int:
         strays = []
     # Every lab's processes get their SIGTERM, and the grace, together.
     everything = dict.fromkeys([ns for name in names for ns in lab_namespaces(name)] + strays)
-    netns.terminate_processes([ns for ns in everything if netns.exists(ns)], args.grace)
+    netns.terminate_processes([ns for ns in everything if netns.exists(ns)], args.grace,
+                              spare=_emulators(names))
     for name in names:
         remove_lab(name)
         print(f"removed {name}")
@@ -243,7 +258,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise ConfigError("CMD", "give a command to run, after --")
     require_privileges("exec")
     node = Lab.attach(args.name).node(args.role)
-    return run_tied(node.popen, argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    exec_in(node.ns, argv)
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -283,11 +283,25 @@ def wait_links_up(links: Iterable[tuple[str, str]], timeout: float) -> None:
             time.sleep(0.01)
 
 
+def _ancestors(pid: int) -> set[int]:
+    """``pid`` and the processes above it, up to init."""
+    chain = set()
+    while pid > 1 and pid not in chain:
+        chain.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rpartition(")")[2].split()[1])   # field 4: ppid
+        except (OSError, ValueError, IndexError):
+            break
+    return chain
+
+
 def pids_in(namespaces: Iterable[str]) -> dict[str, list[int]]:
     """Processes whose main thread lives in each namespace (what `ip netns pids` does).
 
-    Our own process is never listed: a thread of ours inside a lab namespace
-    must not make us kill ourselves.
+    Our own process and its ancestors are never listed: a thread of ours
+    inside a lab namespace, or the shell in the lab that ran ``lab down``,
+    must not be killed by it.
     """
     wanted: dict[tuple[int, int], str] = {}
     found: dict[str, list[int]] = {}
@@ -300,9 +314,9 @@ def pids_in(namespaces: Iterable[str]) -> dict[str, list[int]]:
         found[ns] = []
     if not wanted:
         return found
-    me = os.getpid()
+    spared = _ancestors(os.getpid())
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
+        if not entry.name.isdigit() or int(entry.name) in spared:
             continue
         try:
             st = os.stat(f"/proc/{entry.name}/ns/net")
@@ -314,19 +328,24 @@ def pids_in(namespaces: Iterable[str]) -> dict[str, list[int]]:
     return found
 
 
-def terminate_processes(namespaces: Iterable[str], grace: float) -> list[int]:
+def terminate_processes(namespaces: Iterable[str], grace: float,
+                        spare: Iterable[int] = ()) -> list[int]:
     """SIGTERM every process living in ``namespaces``; wait up to ``grace`` seconds.
 
     Gives proxies running in a lab the chance to drain and restore what they
     changed before :func:`delete` SIGKILLs them. Returns the pids still there
     when the time is up (:func:`delete` kills them). Processes that appear
-    during the wait get their SIGTERM too.
+    during the wait get their SIGTERM too. ``spare``: pids left alone (the
+    lab's delay emulator: its paths carry nothing without it, and the
+    proxies draining need them).
     """
     namespaces = list(namespaces)
+    spared = set(spare)
     deadline = time.monotonic() + (grace if grace > 0 else 0.0)  # NaN: no wait
     signalled: set[int] = set()
     while True:
-        pids = [pid for group in pids_in(namespaces).values() for pid in group]
+        pids = [pid for group in pids_in(namespaces).values() for pid in group
+                if pid not in spared]
         for pid in pids:
             if pid in signalled:
                 continue

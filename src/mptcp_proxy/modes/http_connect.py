@@ -109,6 +109,11 @@ def parse_authority(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Ad
         if not rest.startswith(":"):
             raise ValueError("no port in authority")
         port_text = rest[1:]
+        if "%" in host_text:
+            # A zone id names an interface of the proxy, not a place on the
+            # Internet; Python keeps it in the address, where it would slip
+            # past set lookups (the proxy's own addresses) and into logs.
+            raise ValueError("IPv6 zone ids are not accepted")
         try:
             host: ipaddress.IPv4Address | ipaddress.IPv6Address | str = \
                 ipaddress.IPv6Address(host_text)

@@ -267,7 +267,11 @@ class TargetPolicy:
                             frozenset(broadcast))
 
     def check(self, address: IPAddress) -> TargetDecision:
-        """The worst verdict over every spelling of ``address``."""
+        """The worst verdict over every spelling of ``address`` (a zone id,
+        which Python keeps in IPv6Address and set lookups would see, is
+        dropped first)."""
+        if getattr(address, "scope_id", None):
+            address = ipaddress.IPv6Address(int(address))
         first, *embedded = spellings(address)
         worst = self._decide(first)
         for spelling in embedded:
