@@ -392,9 +392,14 @@ def test_cli_up_list_exec_down(capfd):
         assert run_cli("lab", "list") == 0
         assert name in capfd.readouterr().out
 
-        assert run_cli("lab", "exec", name, "client", "--", "ip", "-br", "addr") == 0
-        assert lab.paths[0].client_addr in capfd.readouterr().out
-        assert run_cli("lab", "exec", name, "server", "--", "sh", "-c", "exit 3") == 3
+        # `lab exec` becomes its command (exec): run it as a process of its own.
+        done = subprocess.run([sys.executable, "-m", "mptcp_proxy", "lab", "exec", name,
+                               "client", "--", "ip", "-br", "addr"],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0 and lab.paths[0].client_addr in done.stdout
+        done = subprocess.run([sys.executable, "-m", "mptcp_proxy", "lab", "exec", name,
+                               "server", "--", "sh", "-c", "exit 3"], timeout=30)
+        assert done.returncode == 3
 
         assert run_cli("lab", "down", name) == 0
         assert lab_gone(lab.plan.namespaces)
