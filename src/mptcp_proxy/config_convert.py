@@ -51,7 +51,7 @@ class ConvertConfig(ExplicitProxySettings):
     dss_checksum: bool = field(default=False, kw_only=True)
     """Off for the converter: with DSS checksums, 27 of 1,000 multipath uploads of
     0-RTT (TCP Fast Open) connections arrived wrong on Linux 6.18, without them
-    1 of 2,000 (README, "Data integrity")."""
+    1 of 3,000 (README, "Data integrity")."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -14,7 +14,7 @@ multipath connections can deliver wrong bytes either way (docs/kernel/
 dss-corruption.md): through the proxy, with checksums none of 4,000
 transfers through forward, SOCKS5, HTTP CONNECT and the agent were wrong
 (without: 6 of 2,000 through SOCKS5 and HTTP CONNECT), but 27 of 1,000 0-RTT
-converted uploads had their first bytes replaced (without: 1 of 2,000). So
+converted uploads had their first bytes replaced (without: 1 of 3,000). So
 the converter and the agent with ``--tfo`` leave them off.
 """
 

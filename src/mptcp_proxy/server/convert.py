@@ -165,7 +165,7 @@ class ConvertServer(HandshakeServer):
         if self.config.tfo_queue and (self.config.dss_checksum or checksum_enabled()):
             # Measured (README, "Data integrity"): 27 of 1,000 0-RTT uploads
             # through this converter arrived wrong with checksums on (their
-            # first bytes replaced), 1 of 2,000 with them off.
+            # first bytes replaced), 1 of 3,000 with them off.
             log.warning("convert: DSS checksums are %s in this namespace: with TCP Fast Open, "
                         "on Linux 6.18 some multipath uploads of 0-RTT connections arrive "
                         "wrong with them (README, 'Data integrity')",
