@@ -48,7 +48,7 @@ from mptcp_proxy.modes.policy import (
     parse_address,
 )
 from mptcp_proxy.server.base import (
-    Session, client_error_reason, format_addr, open_listener, server_arguments,
+    Session, client_error_reason, format_addr, server_arguments,
 )
 from mptcp_proxy.server.handshake import CLOSING, HandshakeServer, Handshaking
 
@@ -99,13 +99,8 @@ class AppProxyServer(HandshakeServer):
     def start(self, reuseport: bool = False) -> "AppProxyServer":
         """Hold the kernel state, open the listener and read the proxy's own
         addresses (this thread's netns)."""
-        self.hold_kernel_state()
-        try:
-            self.add_listener(open_listener(self.config.listen, backlog=self.config.backlog,
-                                            reuseport=reuseport))
-        except BaseException:
-            self.restore_kernel()
-            raise
+        self.hold_and_listen(self.config.listen, backlog=self.config.backlog,
+                             reuseport=reuseport)
         self.refresh_own_addresses()
         return self
 

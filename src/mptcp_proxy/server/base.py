@@ -227,6 +227,16 @@ class ProxyServer:
             if holder is not None:
                 self.sysctls.append(holder)
 
+    def hold_and_listen(self, endpoint: Endpoint, *, backlog: int, reuseport: bool) -> None:
+        """The usual start(): hold the kernel state, then listen on ``endpoint``
+        (given back if the listener cannot open)."""
+        self.hold_kernel_state()
+        try:
+            self.add_listener(open_listener(endpoint, backlog=backlog, reuseport=reuseport))
+        except BaseException:
+            self.restore_kernel()
+            raise
+
     def restore_kernel(self) -> None:
         """Give back the sysctls held (idempotent; the last user of a shared
         value in the namespace restores it)."""

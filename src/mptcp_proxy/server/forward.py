@@ -7,7 +7,7 @@ import socket
 from mptcp_proxy.config import ForwardConfig
 from mptcp_proxy.dataplane.connect import Connector
 from mptcp_proxy.dataplane.reactor import Reactor
-from mptcp_proxy.server.base import ProxyServer, Session, open_listener, server_arguments
+from mptcp_proxy.server.base import ProxyServer, Session, server_arguments
 
 
 class ForwardServer(ProxyServer):
@@ -26,13 +26,8 @@ class ForwardServer(ProxyServer):
 
     def start(self, reuseport: bool = False) -> "ForwardServer":
         """Hold the kernel state, open the listener (in this thread's netns)."""
-        self.hold_kernel_state()
-        try:
-            self.add_listener(open_listener(self.config.listen, backlog=self.config.backlog,
-                                            reuseport=reuseport))
-        except BaseException:
-            self.restore_kernel()
-            raise
+        self.hold_and_listen(self.config.listen, backlog=self.config.backlog,
+                             reuseport=reuseport)
         return self
 
     def handle_accept(self, sock: socket.socket, addr: tuple, session: Session) -> None:
