@@ -7,8 +7,12 @@ BIN    := $(VENV)/bin
 APT_PACKAGES := nftables iptables iperf3 curl iproute2 procps mptcpize
 STAMP_SYS := $(VENV)/.system-packages
 STAMP_PY  := $(VENV)/.python-packages
+STAMP_FUZZ := $(VENV)/.fuzz-packages
+# `make fuzz FUZZ_SECONDS=600 FUZZ_TARGETS="dns socks5"`: budget per target, subset.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?=
 
-.PHONY: setup demo test test-unit test-integration bench clean lab-clean
+.PHONY: setup demo test test-unit test-integration bench fuzz clean lab-clean
 
 setup: $(STAMP_SYS) $(STAMP_PY)
 
@@ -39,6 +43,16 @@ test-unit: setup
 
 test-integration: setup
 	$(BIN)/python -m pytest -q -m integration tests
+
+# Coverage-guided fuzzing of every codec and handshake (fuzz/run.py, atheris).
+# Crash inputs land in fuzz/crashes/<target>/: turn each into a test in
+# tests/unit/test_fuzz_regressions.py. Exit status 1 when anything crashed.
+$(STAMP_FUZZ): $(STAMP_PY)
+	@$(BIN)/python -m pip install -q -e '.[test,fuzz]'
+	@touch $@
+
+fuzz: setup $(STAMP_FUZZ)
+	$(BIN)/python fuzz/run.py --seconds $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 bench: setup
 	$(BIN)/python benchmarks/relay.py

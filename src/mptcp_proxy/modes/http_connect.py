@@ -171,13 +171,15 @@ class HttpConnectHandshake:
         if self._failed:
             raise HttpConnectError("handshake already failed", b"", 400)
         self._buf += data
+        # Checked first, whole request or not, so that how the bytes were
+        # segmented never changes the answer (found by fuzz/fuzz_http_connect.py).
+        if self._buf and not self._buf[:1].isalpha() and self._buf[:1] not in (b"\r", b"\n"):
+            self._fail(400, "not an HTTP request",
+                       why="not an HTTP request; this is an HTTP CONNECT proxy")
         end, sep_len = _header_end(self._buf)
         if end < 0:
             if len(self._buf) > MAX_HEADER_BYTES:
                 self._fail(431, f"header block over {MAX_HEADER_BYTES} bytes", why=_TOO_LARGE)
-            if self._buf and not self._buf[:1].isalpha() and self._buf[:1] not in (b"\r", b"\n"):
-                self._fail(400, "not an HTTP request",
-                           why="not an HTTP request; this is an HTTP CONNECT proxy")
             return b"", None
         if end + sep_len > MAX_HEADER_BYTES:
             self._fail(431, f"header block over {MAX_HEADER_BYTES} bytes", why=_TOO_LARGE)
