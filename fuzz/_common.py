@@ -44,6 +44,15 @@ def chunks(seed: int, payload: bytes) -> Iterator[bytes]:
         pos += n
 
 
+def same_whole_and_chunked(run: Callable[[list[bytes]], object], payload: bytes,
+                           seed: int) -> None:
+    """``run`` gives the same answer for ``payload`` in one piece and in the
+    pieces ``seed`` picks: how the bytes were segmented must never matter."""
+    whole = run([payload] if payload else [])
+    chunked = run(list(chunks(seed, payload)))
+    check(whole == chunked, f"chunked {chunked!r} != whole {whole!r}")
+
+
 def main(one_input: Callable[[bytes], None]) -> None:
     """libFuzzer entry point under atheris (``python fuzz/fuzz_X.py [libFuzzer args]``)."""
     import atheris

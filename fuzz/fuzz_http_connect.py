@@ -14,7 +14,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import check, chunks, instrumented, main  # noqa: E402
+from _common import check, instrumented, main, same_whole_and_chunked  # noqa: E402
 
 with instrumented():
     from mptcp_proxy.modes.http_connect import (
@@ -55,9 +55,7 @@ def one_input(data: bytes) -> None:
             check(0 < port < 65536, f"port {port} out of range")
         return
     auth = _auth if flags & 1 else None
-    whole = _run(auth, [payload] if payload else [])
-    chunked = _run(auth, list(chunks(flags >> 2, payload)))
-    check(whole == chunked, f"chunked {chunked!r} != whole {whole!r}")
+    same_whole_and_chunked(lambda pieces: _run(auth, pieces), payload, flags >> 2)
 
 
 def seeds() -> list[bytes]:

@@ -11,7 +11,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import check, chunks, instrumented, main  # noqa: E402
+from _common import check, instrumented, main, same_whole_and_chunked  # noqa: E402
 
 with instrumented():
     from mptcp_proxy.modes.socks5 import Socks5Error, Socks5Handshake
@@ -48,9 +48,7 @@ def one_input(data: bytes) -> None:
         return
     flags, payload = data[0], data[1:]
     auth = _auth if flags & 1 else None
-    whole = _run(auth, [payload] if payload else [])
-    chunked = _run(auth, list(chunks(flags >> 1, payload)))
-    check(whole == chunked, f"chunked {chunked!r} != whole {whole!r}")
+    same_whole_and_chunked(lambda pieces: _run(auth, pieces), payload, flags >> 1)
 
 
 def seeds() -> list[bytes]:
