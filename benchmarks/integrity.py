@@ -64,10 +64,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from mptcp_proxy.convert_client import open_connection  # noqa: E402
 from mptcp_proxy.lab import Lab, PathSpec  # noqa: E402
-from mptcp_proxy.lab.traffic import serve_each, set_client_subflows  # noqa: E402
+from mptcp_proxy.lab.traffic import proxy_handshake, serve_each, set_client_subflows  # noqa: E402
 from mptcp_proxy.observe.sockinfo import is_mptcp, mptcp_info  # noqa: E402
 from relay import (  # noqa: E402
-    CLI, BenchError, Procs, begin_run, print_footer, progress, run_meta, wait_listening,
+    CLI, Procs, begin_run, print_footer, progress, run_meta, wait_listening,
 )
 
 RESULTS_DIR = ROOT / "bench-results"
@@ -184,22 +184,12 @@ def read_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def handshake(sock: socket.socket, mode: str, target: tuple) -> None:
+    """The proxy protocol of ``mode`` (the agent listens for SOCKS5); raises
+    LabError when refused (counted as a failed connection)."""
     if mode in ("socks5", "agent"):
-        sock.sendall(b"\x05\x01\x00\x05\x01\x00\x01" + socket.inet_aton(target[0])
-                     + struct.pack("!H", target[1]))
-        if read_exact(sock, 2) != b"\x05\x00" or read_exact(sock, 10)[:2] != b"\x05\x00":
-            raise BenchError(f"{mode}: SOCKS5 refused")
+        proxy_handshake(sock, "socks5", target)
     elif mode == "http-connect":
-        host = f"{target[0]}:{target[1]}"
-        sock.sendall(f"CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-        head = b""
-        while not head.endswith(b"\r\n\r\n"):
-            chunk = sock.recv(1)
-            if not chunk:
-                raise BenchError("http-connect: closed before its answer")
-            head += chunk
-        if not head.startswith(b"HTTP/1.1 200"):
-            raise BenchError(f"http-connect: {head[:40]!r}")
+        proxy_handshake(sock, "http-connect", target)
 
 
 def one_transfer(lab: Lab, mode: str, proxy: tuple, target: tuple, index: int, pool: Pool,

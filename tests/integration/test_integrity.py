@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 
 import pytest
 
@@ -32,14 +31,14 @@ from mptcp_proxy.config_convert import ConvertConfig
 from mptcp_proxy.convert_client import open_connection
 from mptcp_proxy.kernel.checksum import CHECKSUM_SYSCTL
 from mptcp_proxy.lab import Lab, PathSpec
-from mptcp_proxy.lab.traffic import set_client_subflows
+from mptcp_proxy.lab.traffic import proxy_handshake, set_client_subflows
 from mptcp_proxy.modes.app_proxy import HTTP_CONNECT, SOCKS5
 from mptcp_proxy.modes.policy import parse_networks
 from mptcp_proxy.observe.sockinfo import is_mptcp, mptcp_info
 from mptcp_proxy.server.app_proxy import AppProxyServer
 from mptcp_proxy.server.convert import ConvertServer
 from mptcp_proxy.server.forward import ForwardServer
-from tests.support.lab_env import conn_log, log_lines, read_exact, relay_rest  # noqa: F401
+from tests.support.lab_env import conn_log, log_lines, relay_rest  # noqa: F401
 from tests.support.servers import HashServer, ProxyRunner
 from tests.support.traffic import IPPROTO_MPTCP, payload, sha256
 
@@ -101,20 +100,8 @@ def open_client(lab: Lab, mode: str, proxy: tuple, target: tuple) -> socket.sock
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
             sock.settimeout(10)
             sock.connect(proxy)
-    if mode == "socks5":
-        sock.sendall(b"\x05\x01\x00" + b"\x05\x01\x00\x01" + socket.inet_aton(target[0])
-                     + struct.pack("!H", target[1]))
-        assert read_exact(sock, 2) == b"\x05\x00"
-        assert read_exact(sock, 10)[:2] == b"\x05\x00"
-    elif mode == "http-connect":
-        host = f"{target[0]}:{target[1]}"
-        sock.sendall(f"CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-        head = b""
-        while not head.endswith(b"\r\n\r\n"):
-            chunk = sock.recv(1)
-            assert chunk, "proxy closed before its answer"
-            head += chunk
-        assert head.startswith(b"HTTP/1.1 200"), head
+    if mode in ("socks5", "http-connect"):
+        proxy_handshake(sock, mode, target)   # raises unless the proxy said yes
     sock.settimeout(30)
     return sock
 

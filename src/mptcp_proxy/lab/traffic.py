@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from mptcp_proxy.errors import LabError
 from mptcp_proxy.lab.topology import Lab, Node
 from mptcp_proxy.observe.sockinfo import IPPROTO_MPTCP, is_mptcp, mptcp_info, subflows
 
@@ -223,3 +224,39 @@ def set_client_subflows(lab: Lab, n: int) -> None:
     """Limit the client's extra subflows (0: one path only, the initial subflow)."""
     lab.client.run(["ip", "mptcp", "limits", "set", "subflows", str(n),
                     "add_addr_accepted", "8"])
+
+
+def proxy_handshake(sock: socket.socket, protocol: str, target: tuple[str, int]) -> None:
+    """Ask a SOCKS5 (``socks5``, no authentication) or HTTP CONNECT
+    (``http-connect``) proxy on connected ``sock`` for IPv4 ``target``; return
+    once it answered success, the socket positioned at the target's first
+    byte. :class:`LabError` (with the answer) when it refused or closed."""
+    if protocol == "socks5":
+        sock.sendall(b"\x05\x01\x00\x05\x01\x00\x01" + socket.inet_aton(target[0])
+                     + target[1].to_bytes(2, "big"))
+        answer = _read_exact(sock, 12)
+        if answer[:2] != b"\x05\x00" or answer[2:4] != b"\x05\x00":
+            raise LabError(f"SOCKS5 proxy refused {target}: {answer!r}")
+        return
+    if protocol != "http-connect":
+        raise LabError(f"no handshake for {protocol!r}")
+    host = f"{target[0]}:{target[1]}"
+    sock.sendall(f"CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):   # byte by byte: never read past the head
+        chunk = sock.recv(1)
+        if not chunk:
+            raise LabError(f"HTTP CONNECT proxy closed before answering: {head!r}")
+        head += chunk
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise LabError(f"HTTP CONNECT proxy refused {host}: {head[:60]!r}")
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
