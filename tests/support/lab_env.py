@@ -20,6 +20,7 @@ import pytest
 
 from mptcp_proxy.config import Endpoint, RelayConfig
 from mptcp_proxy.lab import Lab, PathSpec
+from mptcp_proxy.lab.traffic import read_exact  # noqa: F401  (tests import it from here)
 from mptcp_proxy.modes.policy import parse_networks
 from tests.support.servers import HashServer, ProxyRunner
 from tests.support.traffic import IPPROTO_MPTCP, sha256
@@ -35,17 +36,6 @@ def recv_all(sock: socket.socket) -> bytes:
         if not data:
             return b"".join(chunks)
         chunks.append(data)
-
-
-def read_exact(sock: socket.socket, n: int) -> bytes:
-    """``n`` bytes, or fewer if the peer closes first."""
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):

@@ -234,7 +234,7 @@ def proxy_handshake(sock: socket.socket, protocol: str, target: tuple[str, int])
     if protocol == "socks5":
         sock.sendall(b"\x05\x01\x00\x05\x01\x00\x01" + socket.inet_aton(target[0])
                      + target[1].to_bytes(2, "big"))
-        answer = _read_exact(sock, 12)
+        answer = read_exact(sock, 12)
         if answer[:2] != b"\x05\x00" or answer[2:4] != b"\x05\x00":
             raise LabError(f"SOCKS5 proxy refused {target}: {answer!r}")
         return
@@ -252,7 +252,8 @@ def proxy_handshake(sock: socket.socket, protocol: str, target: tuple[str, int])
         raise LabError(f"HTTP CONNECT proxy refused {host}: {head[:60]!r}")
 
 
-def _read_exact(sock: socket.socket, n: int) -> bytes:
+def read_exact(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes, or fewer if the peer closes first."""
     data = b""
     while len(data) < n:
         chunk = sock.recv(n - len(data))
