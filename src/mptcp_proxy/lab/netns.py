@@ -27,6 +27,7 @@ from pathlib import Path
 
 from mptcp_proxy.errors import LabError
 from mptcp_proxy.kernel.netns import in_netns
+from mptcp_proxy.kernel.privileges import CAPABILITIES, Privileges
 
 NETNS_RUN_DIR = Path("/run/netns")
 THREAD_PROC_NET = Path("/proc/thread-self/net")
@@ -39,23 +40,15 @@ KILL_WAIT_S = 2.0
 # How often waits for processes to leave a namespace look again.
 POLL_INTERVAL_S = 0.02
 
-# Capability numbers (<linux/capability.h>) the lab commands need.
-CAP_KILL = 5
-CAP_NET_ADMIN = 12
-CAP_SYS_ADMIN = 21
-CAP_NAMES = {CAP_KILL: "CAP_KILL", CAP_NET_ADMIN: "CAP_NET_ADMIN",
-             CAP_SYS_ADMIN: "CAP_SYS_ADMIN"}
+# Capability numbers the lab commands need (one table: kernel/privileges.py).
+CAP_NET_ADMIN = CAPABILITIES["CAP_NET_ADMIN"]
+CAP_SYS_ADMIN = CAPABILITIES["CAP_SYS_ADMIN"]
+CAP_NAMES = {number: name for name, number in CAPABILITIES.items()}
+
 
 def effective_capabilities() -> int:
     """This process's effective capability set, as a bit mask (``CapEff``)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("CapEff:"):
-                    return int(line.split()[1], 16)
-    except (OSError, ValueError, IndexError):
-        pass
-    return ~0 if os.geteuid() == 0 else 0  # no /proc: trust the uid
+    return Privileges.current().effective
 
 
 def missing_capabilities(caps: Iterable[int]) -> list[str]:

@@ -155,7 +155,7 @@ class ProxyServer:
     mode_name = "proxy"
 
     def __init__(self, relay_config: RelayConfig, *, drain_timeout: float = 10.0,
-                 log_connections: bool = True, dss_checksum: bool = False,
+                 log_connections: bool = True, dss_checksum: bool = True,
                  reactor: Reactor | None = None) -> None:
         self.relay_config = relay_config
         self.dss_checksum = dss_checksum
